@@ -1,0 +1,110 @@
+"""qemu-img and qemu-nbd."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import QemuToolError
+
+log = logging.getLogger(__name__)
+
+
+def run(cmd: list[str], what: str) -> str:
+    log.debug("running %s", " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise QemuToolError(f"{cmd[0]} is not installed (install qemu-utils)") from None
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()
+        raise QemuToolError(f"cannot {what}: {detail[-1] if detail else f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def image_info(path: str) -> dict[str, Any]:
+    """``qemu-img info`` of an image that may be in use by a running VM."""
+    out = run(
+        ["qemu-img", "info", "--output", "json", "--force-share", path],
+        f"read image information of {path}",
+    )
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+def qcow2_create_options(info: dict[str, Any], data_file: str | None = None) -> list[str]:
+    """qemu-img create ``-o`` options that recreate the source image's layout."""
+    options = []
+    specific = info.get("format-specific", {}).get("data", {})
+    if info.get("format") == "qcow2":
+        if "compat" in specific:
+            options.append(f"compat={specific['compat']}")
+        if info.get("cluster-size"):
+            options.append(f"cluster_size={info['cluster-size']}")
+        if "lazy-refcounts" in specific:
+            options.append(f"lazy_refcounts={'on' if specific['lazy-refcounts'] else 'off'}")
+        if "compression-type" in specific:
+            options.append(f"compression_type={specific['compression-type']}")
+        if data_file and specific.get("data-file"):
+            options.append(f"data_file={data_file}")
+            if "data-file-raw" in specific:
+                options.append(f"data_file_raw={'on' if specific['data-file-raw'] else 'off'}")
+    return options
+
+
+def create_image(path: str, size: int, fmt: str = "qcow2", options: list[str] | None = None) -> None:
+    cmd = ["qemu-img", "create", "-q", "-f", fmt]
+    if options:
+        cmd += ["-o", ",".join(options)]
+    run([*cmd, path, str(size)], f"create image {path}")
+
+
+def convert_raw(source: str, dest: str) -> None:
+    """Copy a raw image, keeping it sparse."""
+    run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "raw", source, dest], f"copy {source}")
+
+
+@contextmanager
+def nbd_server(image: str, fmt: str = "qcow2", *, socket_dir: str | None = None) -> Iterator[str]:
+    """Serve ``image`` read-write with qemu-nbd on a private unix socket.
+
+    Yields the socket path. qemu-nbd ends when its one client disconnects;
+    it is killed if it is still there when the block is left.
+    """
+    workdir = tempfile.mkdtemp(prefix="virtnbdrestore.", dir=socket_dir)
+    socket = os.path.join(workdir, "nbd.sock")
+    cmd = [
+        "qemu-nbd", "--socket", socket, "--format", fmt, "--cache", "writeback",
+        "--discard", "unmap", "--shared", "1", image,
+    ]
+    log.debug("running %s", " ".join(cmd))
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        os.rmdir(workdir)
+        raise QemuToolError("qemu-nbd is not installed (install qemu-utils)") from None
+    try:
+        yield socket
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        err = proc.stderr.read() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+        if os.path.exists(socket):
+            os.unlink(socket)
+        os.rmdir(workdir)
+        if proc.returncode not in (0, -9) and err.strip():
+            log.warning("qemu-nbd for %s: %s", image, err.strip().splitlines()[-1])

@@ -1,0 +1,157 @@
+"""libvirt: connection, domain state, checkpoints and pull-mode backup jobs."""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from typing import Any
+
+import libvirt
+
+from ..errors import DomainError
+from .domainxml import Disk
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "virtnbdbackup"
+
+# libvirt prints every error to stderr by default; we report them ourselves.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def _message(err: libvirt.libvirtError) -> str:
+    return err.get_error_message() or str(err)
+
+
+class Hypervisor:
+    def __init__(self, uri: str, user: str | None = None, password: str | None = None) -> None:
+        self.uri = uri
+        try:
+            if user or password:
+                self._conn = libvirt.openAuth(uri, self._auth(user, password), 0)
+            else:
+                self._conn = libvirt.open(uri)
+        except libvirt.libvirtError as err:
+            raise DomainError(
+                f"cannot connect to libvirt at {uri}: {_message(err)} "
+                "(is libvirtd running, and may this user use it?)"
+            ) from None
+
+    @staticmethod
+    def _auth(user: str | None, password: str | None) -> list[Any]:
+        def answer(credentials: list[list[Any]], _data: object) -> int:
+            for cred in credentials:
+                if cred[0] == libvirt.VIR_CRED_AUTHNAME:
+                    cred[4] = user
+                elif cred[0] == libvirt.VIR_CRED_PASSPHRASE:
+                    cred[4] = password
+            return 0
+
+        return [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], answer, None]
+
+    @property
+    def library_version(self) -> str:
+        v = libvirt.getVersion()
+        return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
+
+    def domain(self, name: str) -> Domain:
+        try:
+            return Domain(self._conn.lookupByName(name))
+        except libvirt.libvirtError as err:
+            raise DomainError(f"domain {name!r} not found at {self.uri}: {_message(err)}") from None
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
+
+
+class Domain:
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        self._dom = dom
+        self.name: str = dom.name()
+
+    def is_running(self) -> bool:
+        state, _reason = self._dom.state()
+        return state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED)
+
+    def xml(self) -> str:
+        return self._call("read the domain XML", self._dom.XMLDesc, 0)
+
+    def checkpoint_names(self) -> list[str]:
+        cps = self._call("list checkpoints", self._dom.listAllCheckpoints, 0)
+        return [cp.getName() for cp in cps]
+
+    def checkpoint_xml(self, name: str) -> str:
+        cp = self._call(f"find checkpoint {name}", self._dom.checkpointLookupByName, name)
+        return self._call(f"read checkpoint {name}", cp.getXMLDesc, 0)
+
+    def delete_checkpoint(self, name: str) -> None:
+        cp = self._call(f"find checkpoint {name}", self._dom.checkpointLookupByName, name)
+        self._call(f"delete checkpoint {name}", cp.delete, 0)
+
+    def begin_backup(self, backup_xml: str, checkpoint_xml: str | None) -> None:
+        self._call("start the backup job", self._dom.backupBegin, backup_xml, checkpoint_xml, 0)
+
+    def has_backup_job(self) -> bool:
+        try:
+            stats = self._dom.jobStats(0)
+        except libvirt.libvirtError:
+            return False
+        return stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP and stats.get(
+            "type", libvirt.VIR_DOMAIN_JOB_NONE
+        ) not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED)
+
+    def abort_job(self) -> None:
+        self._call("stop the backup job", self._dom.abortJob)
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except libvirt.libvirtError as err:
+            raise DomainError(f"domain {self.name}: cannot {what}: {_message(err)}") from None
+
+
+def own_checkpoints(names: Iterable[str]) -> list[str]:
+    """Our checkpoints (``virtnbdbackup.N``), newest first."""
+    ours = []
+    for name in names:
+        prefix, _, number = name.rpartition(".")
+        if prefix == CHECKPOINT_PREFIX and number.isdigit():
+            ours.append((int(number), name))
+    return [name for _, name in sorted(ours, reverse=True)]
+
+
+def backup_xml(
+    backup_disks: list[Disk],
+    all_disks: list[Disk],
+    socket: str,
+    scratch: dict[str, str],
+    incremental: str | None = None,
+) -> str:
+    root = ET.Element("domainbackup", mode="pull")
+    if incremental:
+        ET.SubElement(root, "incremental").text = incremental
+    ET.SubElement(root, "server", transport="unix", socket=socket)
+    disks = ET.SubElement(root, "disks")
+    chosen = {d.target for d in backup_disks}
+    for disk in all_disks:
+        if disk.target in chosen:
+            node = ET.SubElement(disks, "disk", name=disk.target, backup="yes", type="file")
+            ET.SubElement(node, "scratch", file=scratch[disk.target])
+        else:
+            ET.SubElement(disks, "disk", name=disk.target, backup="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def checkpoint_xml(name: str, bitmap_disks: list[Disk], all_disks: list[Disk]) -> str:
+    root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "name").text = name
+    disks = ET.SubElement(root, "disks")
+    chosen = {d.target for d in bitmap_disks}
+    for disk in all_disks:
+        mode = "bitmap" if disk.target in chosen else "no"
+        ET.SubElement(disks, "disk", name=disk.target, checkpoint=mode)
+    return ET.tostring(root, encoding="unicode")

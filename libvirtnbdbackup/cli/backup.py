@@ -1,0 +1,170 @@
+"""virtnbdbackup: back up a libvirt domain's disks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+
+from .. import __version__
+from ..errors import UsageError, VirtnbdError
+from ..jobs.backup import BackupJob, BackupOptions, check_output_folder, kill_backup_job
+from ..targets.base import Target
+from ..targets.directory import DirectoryTarget
+from ..targets.zipstream import ZipTarget
+from .common import (
+    EXIT_ERROR,
+    add_common_args,
+    install_signal_handlers,
+    run_job,
+    setup_logging,
+)
+
+log = logging.getLogger("virtnbdbackup")
+
+EXAMPLES = """\
+examples:
+  # full backup of domain webvm, all disks:
+  virtnbdbackup -d webvm -l full -o /backup/webvm
+  # copy backup (no checkpoint) of disk vda only, lz4 compressed:
+  virtnbdbackup -d webvm -l copy -i vda -z -o /backup/webvm-copy
+  # full backup as a zip archive on standard output:
+  virtnbdbackup -d webvm -l full -o - > webvm.zip
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="virtnbdbackup",
+        description="Back up libvirt/qemu virtual machines.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    opt = parser.add_argument_group("General options")
+    opt.add_argument("-d", "--domain", required=True, help="Domain to back up.")
+    opt.add_argument(
+        "-l", "--level", default="copy", choices=["copy", "full"],
+        help="Backup level. (default: %(default)s)",
+    )
+    opt.add_argument(
+        "-t", "--type", default="stream", choices=["stream", "raw"],
+        help="Output type: stream or raw. (default: %(default)s)",
+    )
+    opt.add_argument(
+        "-r", "--raw", action="store_true",
+        help="Include raw-format disk images (as full-size copies). (default: %(default)s)",
+    )
+    opt.add_argument(
+        "-o", "--output", required=True,
+        help="Output folder, or - for a zip archive on standard output.",
+    )
+    opt.add_argument(
+        "-C", "--checkpointdir", default=None,
+        help="Folder for the checkpoint XML files. (default: OUTPUT/checkpoints)",
+    )
+    opt.add_argument(
+        "--scratchdir", default="/var/tmp",
+        help="Folder for the backup job's scratch files. (default: %(default)s)",
+    )
+    opt.add_argument("-i", "--include", default=None, help="Back up only these disks (-i vda,vdb).")
+    opt.add_argument("-x", "--exclude", default=None, help="Leave out these disks (-x vda,vdb).")
+    opt.add_argument(
+        "-f", "--socketfile", default=None,
+        help="Unix socket for the NBD server. (default: SCRATCHDIR/virtnbdbackup.PID)",
+    )
+    opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
+    opt.add_argument(
+        "-z", "--compress", nargs="?", type=int, const=2, default=None, metavar="LEVEL",
+        help="Compress with lz4 at LEVEL. (default: off; 2 when LEVEL is left out)",
+    )
+    opt.add_argument(
+        "-w", "--worker", type=int, default=None,
+        help="Disks backed up at once. (default: one per disk)",
+    )
+    remote = parser.add_argument_group("Connection options")
+    remote.add_argument(
+        "-U", "--uri", default="qemu:///system",
+        help="libvirt connection URI. (default: %(default)s)",
+    )
+    remote.add_argument("--user", default=None, help="User to authenticate to libvirt with.")
+    remote.add_argument("--password", default=None, help="Password to authenticate with.")
+    debug = parser.add_argument_group("Job control")
+    debug.add_argument(
+        "-k", "--killonly", action="store_true",
+        help="Stop a backup job left running on the domain, then exit.",
+    )
+    add_common_args(parser)
+    return parser
+
+
+def options_from(args: argparse.Namespace) -> BackupOptions:
+    from ..adapters.domainxml import split_names
+
+    if args.worker is not None and args.worker < 1:
+        raise UsageError("--worker needs a number of at least 1")
+    if args.compress is not None and not 0 <= args.compress <= 16:
+        raise UsageError("--compress takes an lz4 level from 0 to 16")
+    if args.compress is not None and args.type == "raw":
+        raise UsageError("--compress applies to the stream type only, not to -t raw")
+    return BackupOptions(
+        domain=args.domain,
+        level=args.level,
+        output=args.output,
+        uri=args.uri,
+        user=args.user,
+        password=args.password,
+        output_type=args.type,
+        raw=args.raw,
+        include=split_names(args.include),
+        exclude=split_names(args.exclude),
+        checkpoint_dir=args.checkpointdir,
+        scratch_dir=args.scratchdir,
+        socket_file=args.socketfile,
+        compress=args.compress,
+        workers=args.worker,
+        progress=not (args.noprogress or args.quiet),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cancel = threading.Event()
+    install_signal_handlers(cancel)
+    try:
+        opts = options_from(args)
+        if not args.killonly:
+            check_output_folder(opts)
+        log_dir = Path(opts.meta_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except (VirtnbdError, OSError) as err:
+        setup_logging(args, None)
+        log.error("%s", err)
+        return EXIT_ERROR
+    stamp = datetime.now().strftime("%m%d%Y%H%M%S")
+    log_file = None if args.killonly else str(log_dir / f"backup.{opts.level}.{stamp}.log")
+    counter = setup_logging(args, log_file)
+    log.info("virtnbdbackup %s, level %s", __version__, opts.level)
+
+    if args.killonly:
+        return run_job(lambda: kill_backup_job(opts), counter, args.strict)
+
+    def job() -> None:
+        target: Target = ZipTarget(sys.stdout.buffer) if opts.to_stdout else DirectoryTarget(
+            opts.output
+        )
+        BackupJob(opts, target, cancel).run()
+        if opts.to_stdout and log_file:
+            log.info("backup finished")
+            target.copy_file(Path(log_file).name, log_file)
+        target.close()
+        if not opts.to_stdout:
+            log.info("backup finished: %s", opts.output)
+
+    return run_job(job, counter, args.strict)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""What the commands share: logging, signals and exit codes.
+
+Exit codes: 0 success, 1 any error, 2 with ``--strict`` when warnings were
+logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .. import __version__
+from ..errors import Interrupted, VirtnbdError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_WARNINGS = 2
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(module)s - %(funcName)s [%(threadName)s]: %(message)s"
+CONSOLE_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s]: %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+log = logging.getLogger("virtnbdbackup")
+
+
+class WarningCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Logging and debug options")
+    group.add_argument("-v", "--verbose", action="store_true", help="Enable debug output.")
+    group.add_argument(
+        "--quiet", action="store_true", help="Log only errors to the console, no progress bars."
+    )
+    group.add_argument(
+        "-e", "--strict", action="store_true",
+        help="Exit with code 2 when warnings were logged. (default: %(default)s)",
+    )
+    group.add_argument("-V", "--version", action="version", version=__version__)
+
+
+def setup_logging(args: argparse.Namespace, log_file: str | None) -> WarningCounter:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(CONSOLE_FORMAT, DATE_FORMAT))
+    console.setLevel(logging.ERROR if args.quiet else logging.NOTSET)
+    root.addHandler(console)
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+        root.addHandler(handler)
+    counter = WarningCounter()
+    root.addHandler(counter)
+    return counter
+
+
+def install_signal_handlers(cancel: threading.Event) -> None:
+    """SIGINT and SIGTERM ask the running job to stop and clean up."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        if cancel.is_set():
+            return
+        log.error("caught %s: stopping and cleaning up", signal.Signals(signum).name)
+        cancel.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_job(job: Callable[[], None], counter: WarningCounter, strict: bool) -> int:
+    """Run ``job``; map its outcome to the exit code."""
+    try:
+        job()
+    except Interrupted as err:
+        log.error("%s", err)
+        return EXIT_ERROR
+    except VirtnbdError as err:
+        log.error("%s", err)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_ERROR
+    except Exception:
+        log.exception("unexpected error; please report it with the log above")
+        return EXIT_ERROR
+    if strict and counter.count:
+        log.error("%d warning(s) logged and --strict given", counter.count)
+        return EXIT_WARNINGS
+    return EXIT_OK

@@ -1,0 +1,1 @@
+"""The on-disk stream format (version 2) shared with virtnbdbackup 2.x."""

@@ -1,0 +1,230 @@
+"""Read and check one data file in the stream format."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import lz4.frame
+
+from ..errors import StreamError
+from . import frames
+from .frames import HEADER_SIZE, TERMINATOR, Kind
+from .meta import StreamMeta
+from .writer import TrailerEntry
+
+CHUNK_SIZE = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    start: int
+    length: int
+    position: int  # offset of the frame header in the file
+
+
+class StreamReader:
+    """Iterates over the extent frames of a data file, checking as it goes.
+
+    ``frames()`` yields ``data`` and ``zero`` frames in file order; the
+    payload of a data frame is read with ``payload(frame)`` before the next
+    frame is asked for (it is skipped when not read). A truncated file, a
+    damaged header or payload, or a ``dataSize`` that does not add up raises
+    :class:`StreamError` naming the file and the offset.
+    """
+
+    def __init__(self, fh: BinaryIO, name: str) -> None:
+        self._fh = fh
+        self.name = name
+        self._pos = 0
+        header = self._header()
+        if header.kind is not Kind.META:
+            raise StreamError(f"{self._where(0)}: file does not start with a meta frame")
+        raw = self._read_exact(header.length, "meta JSON")
+        self._expect_terminator()
+        try:
+            doc = json.loads(raw)
+        except ValueError as err:
+            raise StreamError(f"{self._where(HEADER_SIZE)}: meta JSON is damaged: {err}") from None
+        self.meta = StreamMeta.from_json(doc, name)
+        self._trailer: list[TrailerEntry] = []
+        if self.meta.is_compressed:
+            self._trailer = self._read_trailer()
+        self._unread: Frame | None = None
+        self._data_frames_read = 0
+
+    def frames(self) -> Iterator[Frame]:
+        data_size = 0
+        data_frames = 0
+        while True:
+            if self._unread is not None:
+                self._skip_payload(self._unread)
+            position = self._pos
+            header = self._header()
+            if header.kind is Kind.STOP:
+                break
+            if header.kind not in (Kind.DATA, Kind.ZERO):
+                raise StreamError(
+                    f"{self._where(position)}: unexpected {header.kind.value.decode()} frame"
+                )
+            frame = Frame(header.kind, header.start, header.length, position)
+            if frame.start + frame.length > self.meta.virtual_size:
+                raise StreamError(
+                    f"{self._where(position)}: extent {frame.start}+{frame.length} lies beyond "
+                    f"the disk size {self.meta.virtual_size}"
+                )
+            if frame.kind is Kind.DATA:
+                if self.meta.is_compressed and data_frames >= len(self._trailer):
+                    raise StreamError(
+                        f"{self._where(position)}: more data frames than compression trailer "
+                        "entries"
+                    )
+                data_frames += 1
+                data_size += frame.length
+                self._unread = frame
+            yield frame
+        if data_size != self.meta.data_size:
+            raise StreamError(
+                f"{self.name}: data frames hold {data_size} bytes but the meta frame says "
+                f"dataSize {self.meta.data_size}"
+            )
+
+    def payload(self, frame: Frame, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        """The bytes of ``frame``, in chunks of at most ``chunk_size``."""
+        if frame is not self._unread:
+            raise ValueError("payload() must follow the frame it belongs to")
+        self._unread = None
+        if self.meta.is_compressed:
+            yield from self._compressed_payload(frame, chunk_size)
+        else:
+            left = frame.length
+            while left:
+                n = min(left, chunk_size)
+                yield memoryview(self._read_exact(n, f"data of extent at {frame.start}"))
+                left -= n
+        self._expect_terminator()
+
+    def _compressed_payload(self, frame: Frame, chunk_size: int) -> Iterator[memoryview]:
+        entry = self._trailer[self._data_frames_read]
+        self._data_frames_read += 1
+        if isinstance(entry, int):
+            sizes = [entry]
+        else:
+            sizes = next(iter(entry.values()))
+        got = 0
+        for size in sizes:
+            where = self._where(self._pos)
+            packed = self._read_exact(size, f"compressed data of extent at {frame.start}")
+            try:
+                raw = memoryview(lz4.frame.decompress(packed))
+            except RuntimeError as err:
+                raise StreamError(f"{where}: compressed data is damaged: {err}") from None
+            got += len(raw)
+            for off in range(0, len(raw), chunk_size):
+                yield raw[off : off + chunk_size]
+        if got != frame.length:
+            raise StreamError(
+                f"{self._where(frame.position)}: extent decompresses to {got} bytes, "
+                f"its header says {frame.length}"
+            )
+
+    def _skip_payload(self, frame: Frame) -> None:
+        for _ in self.payload(frame):
+            pass
+
+    def _read_trailer(self) -> list[TrailerEntry]:
+        end = self._fh.seek(0, os.SEEK_END)
+        if end < 2 * HEADER_SIZE + 2:
+            raise StreamError(f"{self.name}: compressed file too short to hold a trailer")
+        self._fh.seek(end - HEADER_SIZE - 2)
+        tail = self._fh.read(HEADER_SIZE + 2)
+        header = frames.decode(tail[2:], self._where(end - HEADER_SIZE))
+        if header.kind is not Kind.COMP or tail[:2] != TERMINATOR:
+            raise StreamError(
+                f"{self.name}: compressed stream lacks its trailer at the end "
+                "(the file is truncated)"
+            )
+        start = end - HEADER_SIZE - 2 - header.length
+        self._fh.seek(start)
+        raw = self._fh.read(header.length)
+        self._fh.seek(self._pos)
+        try:
+            trailer: Any = json.loads(raw)
+            if not isinstance(trailer, list):
+                raise ValueError("not a list")
+            for entry in trailer:
+                if not isinstance(entry, (int, dict)) or isinstance(entry, bool):
+                    raise ValueError(f"bad entry {entry!r}")
+        except ValueError as err:
+            raise StreamError(
+                f"{self._where(start)}: compression trailer is damaged: {err}"
+            ) from None
+        return trailer
+
+    def _header(self) -> frames.Header:
+        position = self._pos
+        return frames.decode(self._read_some(HEADER_SIZE), self._where(position))
+
+    def _expect_terminator(self) -> None:
+        position = self._pos
+        if self._read_some(2) != TERMINATOR:
+            raise StreamError(
+                f"{self._where(position)}: expected CR LF after the frame payload "
+                "(the file is damaged or truncated)"
+            )
+
+    def _read_exact(self, n: int, what: str) -> bytes:
+        position = self._pos
+        raw = self._read_some(n)
+        if len(raw) != n:
+            raise StreamError(
+                f"{self._where(position)}: file ends after {len(raw)} of {n} bytes of {what} "
+                "(the file is truncated)"
+            )
+        return raw
+
+    def _read_some(self, n: int) -> bytes:
+        raw = self._fh.read(n)
+        self._pos += len(raw)
+        return raw
+
+    def _where(self, offset: int) -> str:
+        return f"{self.name} at offset {offset}"
+
+
+def read_meta(path: str) -> StreamMeta:
+    """The meta of a data file, reading only its first frame."""
+    with open(path, "rb") as fh:
+        header = frames.decode(fh.read(HEADER_SIZE), f"{path} at offset 0")
+        if header.kind is not Kind.META:
+            raise StreamError(f"{path}: file does not start with a meta frame")
+        raw = fh.read(header.length)
+    try:
+        return StreamMeta.from_json(json.loads(raw), path)
+    except ValueError as err:
+        raise StreamError(f"{path}: meta JSON is damaged: {err}") from None
+
+
+def is_stream_file(path: str) -> bool:
+    """True for stream files, False for raw images (which have no frames)."""
+    with open(path, "rb") as fh:
+        head = fh.read(HEADER_SIZE)
+    try:
+        return frames.decode(head, path).kind is Kind.META
+    except StreamError:
+        return False
+
+
+def file_adler32(path: str, chunk_size: int = 16 * 1024 * 1024) -> int:
+    value = 1
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(chunk_size)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            value = zlib.adler32(view[:n], value)
+    return value

@@ -1,0 +1,205 @@
+"""Write one data file in the stream format.
+
+Frames are written strictly in order. With compression, each piece of a
+data extent is compressed on a thread pool (lz4 releases the GIL) while
+later pieces are read; the output order is kept by a queue of literal bytes
+and pending compressions that is drained from the front.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import BinaryIO, Union
+
+import lz4.frame
+
+from ..errors import StreamError
+from . import frames
+from .frames import MAX_REQUEST_SIZE, TERMINATOR, Kind
+from .meta import StreamMeta
+
+Buffer = Union[bytes, bytearray, memoryview]
+# A trailer entry: the compressed size of a one-piece extent, or
+# {"<total compressed size>": [size of each piece]}.
+TrailerEntry = Union[int, dict[str, list[int]]]
+
+
+def compress_piece(data: Buffer, level: int) -> bytes:
+    """One standard LZ4 frame with content size and both checksums."""
+    return lz4.frame.compress(
+        data,
+        compression_level=level,
+        block_checksum=True,
+        content_checksum=True,
+        store_size=True,
+    )
+
+
+@dataclass(frozen=True)
+class _PendingPiece:
+    future: Future[bytes]
+    sizes: list[int]
+    index: int
+
+
+class ChecksumWriter:
+    """Pass writes through to a binary file, keeping their Adler-32."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.adler32 = 1
+        self.written = 0
+
+    def write(self, data: Buffer) -> None:
+        self.raw.write(data)
+        self.adler32 = zlib.adler32(data, self.adler32)
+        self.written += len(data)
+
+
+class StreamWriter:
+    """Writes meta, extent frames, stop and (compressed) the trailer.
+
+    ``max_piece`` is the maximum NBD request size of the source: compressed
+    extents of at least that size are cut into pieces of that size.
+    ``executor`` compresses pieces in parallel; ``window`` bounds how many
+    pieces may wait for compression (and so the memory in use).
+    """
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        meta: StreamMeta,
+        *,
+        max_piece: int = MAX_REQUEST_SIZE,
+        executor: Executor | None = None,
+        window: int = 4,
+    ) -> None:
+        self._out = ChecksumWriter(out)
+        self._meta = meta
+        self._level = None if meta.compressed is False else int(meta.compressed)
+        self._max_piece = max_piece
+        self._executor = executor
+        self._window = max(1, window)
+        self._queue: deque[Buffer | _PendingPiece] = deque()
+        self._pending_pieces = 0
+        # Per data frame: its length and its pieces' compressed sizes.
+        self._pieces: list[tuple[int, list[int]]] = []
+        self._next_offset = 0
+        self._data_size = 0
+        doc = json.dumps(meta.to_json(), indent=4).encode()
+        self._emit(frames.encode(Kind.META, 0, len(doc)) + doc + TERMINATOR)
+
+    @property
+    def compressed(self) -> bool:
+        return self._level is not None
+
+    def zero(self, offset: int, length: int) -> None:
+        self._check_order(offset, length)
+        self._emit(frames.encode(Kind.ZERO, offset, length))
+
+    def data(self, offset: int, length: int, chunks: Iterable[Buffer]) -> None:
+        """One data frame of ``length`` bytes at ``offset``, from ``chunks``."""
+        self._check_order(offset, length)
+        self._emit(frames.encode(Kind.DATA, offset, length))
+        if self._level is None:
+            got = 0
+            for chunk in chunks:
+                got += len(chunk)
+                self._emit(chunk)
+        else:
+            got = self._compressed_payload(length, chunks)
+        if got != length:
+            raise StreamError(
+                f"extent at offset {offset}: got {got} bytes from the source, expected {length}"
+            )
+        self._data_size += length
+        self._emit(TERMINATOR)
+
+    def finish(self) -> int:
+        """Write stop (and the trailer); return the file's Adler-32."""
+        self._emit(frames.encode(Kind.STOP, 0, 0))
+        self._drain(0)
+        if self._data_size != self._meta.data_size:
+            raise StreamError(
+                f"disk {self._meta.disk_name}: wrote {self._data_size} data bytes "
+                f"but the meta frame announced {self._meta.data_size}"
+            )
+        if self._level is not None:
+            trailer = json.dumps(self._trailer()).encode()
+            self._out_bytes(trailer + TERMINATOR + frames.encode(Kind.COMP, 0, len(trailer)))
+        return self._out.adler32
+
+    @property
+    def bytes_written(self) -> int:
+        return self._out.written
+
+    def _check_order(self, offset: int, length: int) -> None:
+        if offset < self._next_offset or length <= 0:
+            raise ValueError(f"extent {offset}+{length} out of order or empty")
+        self._next_offset = offset + length
+
+    def _compressed_payload(self, length: int, chunks: Iterable[Buffer]) -> int:
+        sizes: list[int] = []
+        self._pieces.append((length, sizes))
+        piece_size = self._max_piece if length >= self._max_piece else length
+        piece = bytearray()
+        got = 0
+        for chunk in chunks:
+            got += len(chunk)
+            piece += chunk
+            while len(piece) >= piece_size:
+                self._add_piece(bytes(piece[:piece_size]), sizes)
+                del piece[:piece_size]
+        if piece:
+            self._add_piece(bytes(piece), sizes)
+        return got
+
+    def _add_piece(self, raw: bytes, sizes: list[int]) -> None:
+        assert self._level is not None
+        if self._executor is None:
+            packed = compress_piece(raw, self._level)
+            sizes.append(len(packed))
+            self._emit(packed)
+            return
+        self._drain(self._window - 1)
+        future = self._executor.submit(compress_piece, raw, self._level)
+        sizes.append(-1)  # filled in when the piece is written
+        self._queue.append(_PendingPiece(future, sizes, len(sizes) - 1))
+        self._pending_pieces += 1
+
+    def _emit(self, data: Buffer) -> None:
+        if self._queue:
+            self._queue.append(data)
+        else:
+            self._out_bytes(data)
+
+    def _drain(self, keep_pieces: int) -> None:
+        """Write queued output until at most ``keep_pieces`` compressions wait."""
+        while self._queue and (
+            self._pending_pieces > keep_pieces or not isinstance(self._queue[0], _PendingPiece)
+        ):
+            item = self._queue.popleft()
+            if isinstance(item, _PendingPiece):
+                self._pending_pieces -= 1
+                packed = item.future.result()
+                item.sizes[item.index] = len(packed)
+                self._out_bytes(packed)
+            else:
+                self._out_bytes(item)
+
+    def _out_bytes(self, data: Buffer) -> None:
+        self._out.write(data)
+
+    def _trailer(self) -> list[TrailerEntry]:
+        entries: list[TrailerEntry] = []
+        for length, sizes in self._pieces:
+            if length < self._max_piece:
+                entries.append(sizes[0])
+            else:
+                entries.append({str(sum(sizes)): sizes})
+        return entries

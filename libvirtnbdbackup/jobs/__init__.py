@@ -1,0 +1,1 @@
+"""Jobs: backup and restore, driving the adapters and the format."""

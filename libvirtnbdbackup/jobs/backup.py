@@ -1,0 +1,307 @@
+"""The backup job: from a running domain to a backup folder or zip stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..adapters import qemu
+from ..adapters.domainxml import Disk, boot_files, parse_disks, select_disks
+from ..adapters.nbdclient import ALLOCATION_CONTEXT, NbdClient
+from ..adapters.virt import (
+    CHECKPOINT_PREFIX,
+    Domain,
+    Hypervisor,
+    backup_xml,
+    checkpoint_xml,
+    own_checkpoints,
+)
+from ..errors import DomainError, Interrupted, QemuToolError, UsageError
+from ..targets.base import Target
+from ..targets.directory import write_atomic
+from .diskbackup import DiskBackup, DiskPlan, DiskResult
+
+log = logging.getLogger(__name__)
+
+# Files whose presence means the folder already holds a backup set.
+BACKUP_SET_PATTERNS = ("*.data", "*.data.partial", "*.cpt", "vmconfig.*.xml")
+
+
+@dataclass
+class BackupOptions:
+    domain: str
+    level: str  # copy or full
+    output: str  # a folder, or "-" for a zip on stdout
+    uri: str = "qemu:///system"
+    user: str | None = None
+    password: str | None = None
+    output_type: str = "stream"  # stream or raw
+    raw: bool = False
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    checkpoint_dir: str | None = None
+    scratch_dir: str = "/var/tmp"
+    socket_file: str | None = None
+    compress: int | None = None
+    workers: int | None = None
+    progress: bool = True
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.output == "-"
+
+    @property
+    def meta_dir(self) -> Path:
+        """Where the checkpoint list and checkpoint XML files live."""
+        return Path("." if self.to_stdout else self.output)
+
+
+def check_output_folder(opts: BackupOptions) -> None:
+    """Refuse a folder that already holds a backup set: never overwrite one."""
+    if opts.to_stdout:
+        if opts.output_type == "raw":
+            raise UsageError("output type raw cannot be written to standard output")
+        return
+    folder = Path(opts.output)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder")
+    if folder.is_dir():
+        found = sorted({p.name for pat in BACKUP_SET_PATTERNS for p in folder.glob(pat)})
+        if found:
+            raise UsageError(
+                f"{folder} already holds a backup set ({', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}); a {opts.level} backup needs an "
+                "empty folder: choose a new one"
+            )
+
+
+class BackupJob:
+    def __init__(self, opts: BackupOptions, target: Target, cancel: threading.Event) -> None:
+        self.opts = opts
+        self.target = target
+        self.cancel = cancel
+        self.pid = os.getpid()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        if self.opts.checkpoint_dir:
+            return Path(self.opts.checkpoint_dir)
+        return self.opts.meta_dir / "checkpoints"
+
+    def run(self) -> list[DiskResult]:
+        hypervisor = Hypervisor(self.opts.uri, self.opts.user, self.opts.password)
+        try:
+            log.info("libvirt library version: %s", hypervisor.library_version)
+            return self._run(hypervisor.domain(self.opts.domain))
+        finally:
+            hypervisor.close()
+
+    def _run(self, domain: Domain) -> list[DiskResult]:
+        if not domain.is_running():
+            raise DomainError(
+                f"domain {domain.name} is not running: copy and full backups are taken "
+                "from a running domain; start it first"
+            )
+        if domain.has_backup_job():
+            raise DomainError(
+                f"domain {domain.name} already has a backup job running (another backup, or "
+                "one left over from a killed run); stop it with: virtnbdbackup -d "
+                f"{domain.name} -k"
+            )
+        domain_xml = domain.xml()
+        all_disks = parse_disks(domain_xml)
+        selection = select_disks(
+            all_disks, include=self.opts.include, exclude=self.opts.exclude, raw=self.opts.raw
+        )
+        for skip in selection.skipped:
+            log.info("skipping disk %s: %s", skip.disk.target, skip.reason)
+        disks = selection.selected
+        if not disks:
+            raise UsageError(f"domain {domain.name} has no disk left to back up")
+        log.info("backing up disks: %s", ", ".join(d.target for d in disks))
+
+        checkpoint = f"{CHECKPOINT_PREFIX}.0"
+        bitmap_disks = [d for d in disks if d.format != "raw"]
+        new_checkpoint = None
+        if self.opts.level == "full":
+            if not bitmap_disks:
+                raise UsageError(
+                    "a full backup starts a chain of dirty bitmaps, which raw images cannot "
+                    "hold; back up raw-only domains with -l copy"
+                )
+            self._remove_checkpoints(domain)
+            new_checkpoint = checkpoint_xml(checkpoint, bitmap_disks, all_disks)
+
+        socket = self.opts.socket_file or f"{self.opts.scratch_dir}/virtnbdbackup.{self.pid}"
+        scratch = {
+            d.target: f"{self.opts.scratch_dir}/backup.{domain.name}.{d.target}.{self.pid}"
+            for d in disks
+        }
+        os.makedirs(self.opts.scratch_dir, exist_ok=True)
+        job_xml = backup_xml(disks, all_disks, socket, scratch)
+        log.info("starting backup job, NBD socket %s", socket)
+        domain.begin_backup(job_xml, new_checkpoint)
+        try:
+            results = self._backup_disks(disks, socket, checkpoint)
+            self._save_metadata(domain, domain_xml, disks, checkpoint)
+        except BaseException:
+            self._stop_job(domain)
+            if new_checkpoint:
+                self._drop_checkpoint(domain, checkpoint)
+            raise
+        self._stop_job(domain)
+        return results
+
+    def _remove_checkpoints(self, domain: Domain) -> None:
+        """A full backup starts a new chain: drop our old checkpoints, newest first."""
+        for name in own_checkpoints(domain.checkpoint_names()):
+            log.info("removing checkpoint %s of the previous chain", name)
+            domain.delete_checkpoint(name)
+        if self.checkpoint_dir.is_dir():
+            for old in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}.*.xml"):
+                old.unlink()
+
+    def _backup_disks(self, disks: list[Disk], socket: str, checkpoint: str) -> list[DiskResult]:
+        workers = 1 if self.opts.to_stdout else max(1, self.opts.workers or len(disks))
+        log.info("concurrent disk workers: %d", workers)
+        compressor = None
+        if self.opts.compress is not None:
+            compressor = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="lz4")
+        window = (os.cpu_count() or 2) + 1
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="disk") as pool:
+                futures: list[Future[DiskResult]] = [
+                    pool.submit(self._backup_disk, disk, index, socket, checkpoint,
+                                compressor, window)
+                    for index, disk in enumerate(disks)
+                ]
+                self._wait(futures)
+                return [f.result() for f in futures]
+        finally:
+            if compressor:
+                compressor.shutdown(wait=True, cancel_futures=True)
+
+    def _wait(self, futures: list[Future[DiskResult]]) -> None:
+        """Wait for the disk workers; on the first failure or Ctrl-C, stop the others."""
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            if any(f.exception() for f in done) or self.cancel.is_set():
+                self.cancel.set()
+                wait(pending)
+                for f in futures:
+                    if f.exception() and not isinstance(f.exception(), Interrupted):
+                        raise f.exception()  # type: ignore[misc]
+                raise Interrupted("backup interrupted")
+
+    def _backup_disk(
+        self,
+        disk: Disk,
+        index: int,
+        socket: str,
+        checkpoint: str,
+        compressor: ThreadPoolExecutor | None,
+        window: int,
+    ) -> DiskResult:
+        threading.current_thread().name = disk.target
+        level = self.opts.level
+        raw_image = disk.format == "raw"
+        plan = DiskPlan(
+            target=disk.target,
+            file_name=f"{disk.target}.{'copy' if raw_image else level}.data",
+            raw_output=raw_image or self.opts.output_type == "raw",
+            disk_format=disk.format,
+            checkpoint_name=checkpoint,
+            parent_checkpoint="",
+            incremental=False,
+            compress=self.opts.compress,
+        )
+        client = NbdClient.connect_unix(socket, disk.target, [ALLOCATION_CONTEXT], wait=10)
+        try:
+            return DiskBackup(
+                client, plan, self.target, cancel=self.cancel, compressor=compressor,
+                compress_window=window, progress=self.opts.progress, position=index,
+            ).run()
+        finally:
+            client.close()
+
+    def _save_metadata(
+        self, domain: Domain, domain_xml: str, disks: list[Disk], checkpoint: str
+    ) -> None:
+        ident = "copy" if self.opts.level == "copy" else checkpoint
+        self.target.write_file(f"vmconfig.{ident}.xml", domain_xml.encode())
+        for disk in disks:
+            if not disk.is_local_image or disk.path is None:
+                continue
+            try:
+                info = qemu.image_info(disk.path)
+            except QemuToolError as err:
+                log.warning("disk %s: image options not saved: %s", disk.target, err)
+                continue
+            self.target.write_file(
+                f"{disk.target}.{ident}.qcow.json", json.dumps(info, indent=4).encode()
+            )
+        for path in boot_files(domain_xml):
+            name = os.path.basename(path)
+            if self.opts.level != "copy":
+                name = f"{name}.{ident}"
+            try:
+                self.target.copy_file(name, path)
+                log.info("saved boot file %s as %s", path, name)
+            except OSError as err:
+                log.warning("boot file %s not saved: %s", path, err)
+        if self.opts.level == "full":
+            self._save_checkpoint(domain, checkpoint)
+
+    def _save_checkpoint(self, domain: Domain, checkpoint: str) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        xml = domain.checkpoint_xml(checkpoint).encode()
+        write_atomic(self.checkpoint_dir / f"{checkpoint}.xml", xml)
+        cpt_name = f"{domain.name}.cpt"
+        cpt = json.dumps([checkpoint]).encode()
+        write_atomic(self.opts.meta_dir / cpt_name, cpt)
+        if self.opts.to_stdout:
+            self.target.write_file(cpt_name, cpt)
+            self.target.write_file(f"checkpoints/{checkpoint}.xml", xml)
+
+    def _stop_job(self, domain: Domain) -> None:
+        if not domain.has_backup_job():
+            return
+        try:
+            domain.abort_job()
+            log.info("backup job stopped")
+        except DomainError as err:
+            log.warning("%s", err)
+        for _ in range(50):  # libvirt removes the scratch files as the job ends
+            if not domain.has_backup_job():
+                return
+            time.sleep(0.1)
+
+    def _drop_checkpoint(self, domain: Domain, checkpoint: str) -> None:
+        """The backup failed: take back the checkpoint it created."""
+        try:
+            if checkpoint in domain.checkpoint_names():
+                domain.delete_checkpoint(checkpoint)
+                log.info("removed checkpoint %s of the failed backup", checkpoint)
+        except DomainError as err:
+            log.warning("%s", err)
+
+
+def kill_backup_job(opts: BackupOptions) -> None:
+    """-k: stop a backup job left running on the domain."""
+    hypervisor = Hypervisor(opts.uri, opts.user, opts.password)
+    try:
+        domain = hypervisor.domain(opts.domain)
+        if not domain.has_backup_job():
+            log.info("domain %s has no backup job running", domain.name)
+            return
+        domain.abort_job()
+        log.info("stopped the backup job of domain %s", domain.name)
+    finally:
+        hypervisor.close()

@@ -1,0 +1,204 @@
+"""Back up one disk from its NBD export into a data file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..adapters.nbdclient import STATE_HOLE, Extent, NbdClient
+from ..errors import Interrupted, NbdError, TargetError
+from ..format.meta import StreamMeta
+from ..format.writer import StreamWriter
+from ..targets.base import Target
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Region:
+    """A run of the disk that is all data or all zero."""
+
+    offset: int
+    length: int
+    data: bool
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What to write for one disk, decided before any data moves."""
+
+    target: str  # disk name, e.g. vda
+    file_name: str
+    raw_output: bool
+    disk_format: str
+    checkpoint_name: str
+    parent_checkpoint: str
+    incremental: bool
+    compress: int | None
+
+
+@dataclass(frozen=True)
+class DiskResult:
+    target: str
+    file_name: str
+    virtual_size: int
+    data_size: int
+    written: int
+    seconds: float
+
+
+def allocation_regions(extents: list[Extent]) -> list[Region]:
+    """Merge base:allocation extents into maximal data and zero runs.
+
+    Flags 0 (allocated) and 2 (zero but allocated) are data; 1 (hole) and
+    3 (hole and zero) are zero.
+    """
+    regions: list[Region] = []
+    for ext in extents:
+        data = not ext.flags & STATE_HOLE
+        if regions and regions[-1].data == data:
+            last = regions[-1]
+            regions[-1] = Region(last.offset, last.length + ext.length, data)
+        else:
+            regions.append(Region(ext.offset, ext.length, data))
+    return regions
+
+
+class DiskBackup:
+    def __init__(
+        self,
+        client: NbdClient,
+        plan: DiskPlan,
+        target: Target,
+        *,
+        cancel: threading.Event,
+        compressor: Executor | None,
+        compress_window: int,
+        progress: bool,
+        position: int = 0,
+    ) -> None:
+        self.client = client
+        self.plan = plan
+        self.target = target
+        self.cancel = cancel
+        self.compressor = compressor
+        self.compress_window = compress_window
+        self.progress = progress
+        self.position = position
+
+    def run(self) -> DiskResult:
+        started = time.monotonic()
+        regions = allocation_regions(self.client.extents())
+        data_size = sum(r.length for r in regions if r.data)
+        log.info(
+            "disk %s: %d bytes virtual, %d bytes of data in %d data extents",
+            self.plan.target, self.client.size, data_size, sum(1 for r in regions if r.data),
+        )
+        with tqdm(
+            total=data_size, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=self.plan.target, position=self.position, leave=True,
+            disable=not self.progress,
+        ) as bar:
+            sink = self.target.open_data(self.plan.file_name)
+            try:
+                chunks = self._chunks(regions, bar)
+                if self.plan.raw_output:
+                    written = self._write_raw(sink.file, regions, chunks)
+                    checksum = None
+                else:
+                    written, checksum = self._write_stream(sink.file, regions, data_size, chunks)
+                sink.commit()
+            except BaseException:
+                sink.abort()
+                raise
+        if checksum is not None:
+            self.target.write_file(f"{self.plan.file_name}.chksum", str(checksum).encode())
+        seconds = time.monotonic() - started
+        log.info(
+            "disk %s: saved %s (%.1f MiB of data in %.2f s, %.1f MiB/s)",
+            self.plan.target, self.plan.file_name, data_size / 2**20, seconds,
+            data_size / 2**20 / max(seconds, 1e-6),
+        )
+        return DiskResult(
+            self.plan.target, self.plan.file_name, self.client.size, data_size, written, seconds
+        )
+
+    def _chunks(self, regions: list[Region], bar: tqdm) -> Iterator[tuple[int, bytearray]]:
+        ranges = [(r.offset, r.length) for r in regions if r.data]
+        for offset, data in self.client.read(ranges, READ_CHUNK):
+            if self.cancel.is_set():
+                raise Interrupted(f"backup of disk {self.plan.target} interrupted")
+            bar.update(len(data))
+            yield offset, data
+
+    def _write_stream(
+        self,
+        fh: object,
+        regions: list[Region],
+        data_size: int,
+        chunks: Iterator[tuple[int, bytearray]],
+    ) -> tuple[int, int]:
+        meta = StreamMeta(
+            virtual_size=self.client.size,
+            data_size=data_size,
+            disk_name=self.plan.target,
+            disk_format=self.plan.disk_format,
+            checkpoint_name=self.plan.checkpoint_name,
+            parent_checkpoint=self.plan.parent_checkpoint,
+            incremental=self.plan.incremental,
+            compressed=False if self.plan.compress is None else self.plan.compress,
+        )
+        writer = StreamWriter(
+            fh,  # type: ignore[arg-type]
+            meta,
+            max_piece=self.client.max_request,
+            executor=self.compressor,
+            window=self.compress_window,
+        )
+        for region in regions:
+            if region.data:
+                writer.data(region.offset, region.length, _take(chunks, region))
+            else:
+                writer.zero(region.offset, region.length)
+        checksum = writer.finish()
+        return writer.bytes_written, checksum
+
+    def _write_raw(
+        self, fh: object, regions: list[Region], chunks: Iterator[tuple[int, bytearray]]
+    ) -> int:
+        """A full-size sparse image: data where the disk has data, holes elsewhere."""
+        fd = fh.fileno()  # type: ignore[attr-defined]
+        written = 0
+        try:
+            for offset, data in chunks:
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset, written = view[n:], offset + n, written + n
+            os.ftruncate(fd, self.client.size)
+        except OSError as err:
+            raise TargetError(f"cannot write {self.plan.file_name}: {err.strerror}") from None
+        return written
+
+
+def _take(chunks: Iterator[tuple[int, bytearray]], region: Region) -> Iterator[bytearray]:
+    """The chunks that make up ``region``, from the shared read pipeline."""
+    end = region.offset + region.length
+    pos = region.offset
+    while pos < end:
+        try:
+            offset, data = next(chunks)
+        except StopIteration:
+            raise NbdError(f"reads ended at offset {pos}, inside extent ending at {end}") from None
+        assert offset == pos, (offset, pos)
+        pos += len(data)
+        yield data

@@ -1,0 +1,219 @@
+"""Restore, dump and verify backup sets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..adapters import qemu
+from ..adapters.nbdclient import NbdClient
+from ..errors import Interrupted, StreamError, TargetError, VirtnbdError
+from ..format.frames import Kind
+from ..format.reader import StreamReader, file_adler32
+from ..targets.directory import PARTIAL_SUFFIX, fsync_dir
+from .backupset import DataFile, chains, image_names, load_json, scan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreOptions:
+    input: str
+    output: str
+    disk: str | None = None
+    raw: bool = False
+    progress: bool = True
+
+
+class RestoreJob:
+    def __init__(self, opts: RestoreOptions, cancel: threading.Event) -> None:
+        self.opts = opts
+        self.cancel = cancel
+        self.input = Path(opts.input)
+        self.output = Path(opts.output)
+
+    def run(self) -> list[Path]:
+        files = scan(self.input)
+        if self.opts.disk:
+            files = [f for f in files if f.disk == self.opts.disk]
+        if not files:
+            which = f" for disk {self.opts.disk}" if self.opts.disk else ""
+            raise TargetError(f"{self.input} holds no data files{which}")
+        partials = sorted(self.input.glob(f"*.data{PARTIAL_SUFFIX}"))
+        if partials:
+            log.warning(
+                "ignoring unfinished data files of a failed backup: %s",
+                ", ".join(p.name for p in partials),
+            )
+        disk_chains = chains(files)
+        config = self._latest_config(disk_chains)
+        names = image_names(self.input, config, list(disk_chains))
+        self.output.mkdir(parents=True, exist_ok=True)
+        restored = []
+        for position, (disk, chain) in enumerate(disk_chains.items()):
+            image = self.output / names[disk]
+            if chain[0].meta is None:
+                if not self.opts.raw:
+                    log.info("skipping raw image %s of disk %s: use --raw", chain[0].name, disk)
+                    continue
+                self._restore_raw(chain[0], image)
+            else:
+                self._restore_stream(disk, chain, image, position)
+            restored.append(image)
+        if config is not None:
+            (self.output / config.name).write_bytes(config.read_bytes())
+            log.info("copied domain configuration %s", config.name)
+        return restored
+
+    def _latest_config(self, disk_chains: dict[str, list[DataFile]]) -> Path | None:
+        """The domain XML saved with the newest backup in the chains."""
+        for chain in disk_chains.values():
+            candidate = self.input / f"vmconfig.{chain[-1].ident}.xml"
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def _restore_raw(self, source: DataFile, image: Path) -> None:
+        partial = _claim(image)
+        try:
+            qemu.convert_raw(str(source.path), str(partial))
+            _finish(partial, image)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        log.info("disk %s: copied raw image to %s", source.disk, image)
+
+    def _restore_stream(self, disk: str, chain: list[DataFile], image: Path, position: int) -> None:
+        base = chain[0]
+        assert base.meta is not None
+        options: list[str] = []
+        info = load_json(self.input / f"{disk}.{base.ident}.qcow.json")
+        if isinstance(info, dict):
+            options = qemu.qcow2_create_options(info)
+        else:
+            log.warning("disk %s: no image information saved; using qemu-img defaults", disk)
+        partial = _claim(image)
+        started = time.monotonic()
+        total = sum(f.meta.data_size for f in chain if f.meta)
+        try:
+            qemu.create_image(str(partial), base.meta.virtual_size, "qcow2", options)
+            with qemu.nbd_server(str(partial)) as socket, tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=disk,
+                position=position, disable=not self.opts.progress,
+            ) as bar:
+                client = NbdClient.connect_unix(socket, wait=10)
+                try:
+                    for index, data_file in enumerate(chain):
+                        log.info("disk %s: applying %s", disk, data_file.name)
+                        with open(data_file.path, "rb") as fh:
+                            reader = StreamReader(fh, str(data_file.path))
+                            self._check_fits(reader, base.meta.virtual_size)
+                            client.write(self._chunks(reader, client, index == 0, bar))
+                    client.flush()
+                finally:
+                    client.close()
+            _finish(partial, image)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        seconds = time.monotonic() - started
+        log.info(
+            "disk %s: restored %s (%.1f MiB of data in %.2f s, %.1f MiB/s)",
+            disk, image, total / 2**20, seconds, total / 2**20 / max(seconds, 1e-6),
+        )
+
+    @staticmethod
+    def _check_fits(reader: StreamReader, size: int) -> None:
+        if reader.meta.virtual_size != size:
+            raise StreamError(
+                f"{reader.name}: disk size {reader.meta.virtual_size} differs from the full "
+                f"backup's {size}"
+            )
+
+    def _chunks(
+        self, reader: StreamReader, client: NbdClient, fresh: bool, bar: tqdm
+    ) -> Iterator[tuple[int, memoryview]]:
+        """The data writes of one file; zero frames need no write on a fresh image."""
+        for frame in reader.frames():
+            if frame.kind is Kind.ZERO:
+                if not fresh:
+                    client.zero(frame.start, frame.length)
+                continue
+            offset = frame.start
+            for chunk in reader.payload(frame):
+                if self.cancel.is_set():
+                    raise Interrupted("restore interrupted")
+                yield offset, chunk
+                offset += len(chunk)
+                bar.update(len(chunk))
+
+
+def _claim(image: Path) -> Path:
+    """The ``.partial`` path to build ``image`` in; never replace an image."""
+    if image.exists():
+        raise TargetError(f"{image} exists already; remove it or restore to another folder")
+    partial = image.with_name(image.name + PARTIAL_SUFFIX)
+    partial.unlink(missing_ok=True)
+    return partial
+
+
+def _finish(partial: Path, image: Path) -> None:
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(partial, image)
+    fsync_dir(image.parent)
+
+
+def dump(folder: str) -> list[dict[str, object]]:
+    """The meta of every data file in the folder, as printed by ``-o dump``."""
+    out: list[dict[str, object]] = []
+    for f in scan(folder):
+        if f.meta is None:
+            out.append({"file": f.name, "diskName": f.disk, "raw": True})
+        else:
+            out.append({"file": f.name, **f.meta.to_json()})
+    return out
+
+
+def verify(folder: str) -> None:
+    """Recompute each data file's checksum and compare it with the saved one."""
+    failed = []
+    checked = 0
+    for f in scan(folder):
+        if f.meta is None:
+            continue
+        saved = f.path.with_name(f.name + ".chksum")
+        if not saved.is_file():
+            log.warning("%s: no checksum file, not verified", f.name)
+            continue
+        try:
+            expected = int(saved.read_text().strip())
+        except ValueError:
+            raise StreamError(f"{saved}: not a checksum") from None
+        actual = file_adler32(str(f.path))
+        checked += 1
+        if actual == expected:
+            log.info("%s: checksum %d OK", f.name, actual)
+        else:
+            log.error("%s: checksum %d does not match the saved %d", f.name, actual, expected)
+            failed.append(f.name)
+    if failed:
+        raise StreamError(f"{len(failed)} of {checked} data files failed verification: "
+                          + ", ".join(failed))
+    if not checked:
+        raise VirtnbdError(f"{folder} holds no data file with a checksum to verify")
+
+
+def dump_json(folder: str) -> str:
+    return json.dumps(dump(folder), indent=4)

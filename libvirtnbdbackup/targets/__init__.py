@@ -1,0 +1,1 @@
+"""Where a backup goes: a directory, or a zip archive on standard output."""

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Prepare this host for virtnbdbackup: system packages, running libvirt
+# daemons and a venv with the package installed. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+    qemu-system-x86 qemu-utils qemu-block-extra
+    nbdkit nbdkit-plugin-python nbdfuse libnbd-bin fuse3
+    python3-libnbd python3-libvirt python3-lz4 python3-tqdm python3-venv
+    e2fsprogs make
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+scripts/start-libvirtd.sh
+venv/create.sh
