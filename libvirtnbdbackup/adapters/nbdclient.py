@@ -7,6 +7,7 @@ link stays busy while Python writes or compresses the previous chunk.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -66,7 +67,9 @@ class NbdClient:
                 return cls(handle, f"nbd+unix:///{export}?socket={socket}")
             except nbd.Error as err:
                 if time.monotonic() >= deadline:
-                    raise _error(f"cannot connect to NBD export {export!r} at {socket}", err)
+                    raise _error(
+                        f"cannot connect to NBD export {export!r} at {socket}", err
+                    ) from None
                 time.sleep(0.05)
 
     def can_meta_context(self, context: str) -> bool:
@@ -99,8 +102,12 @@ class NbdClient:
                 raise NbdError(f"{self.where}: server sent no extents for offset {pos}")
         return result
 
-    def read(self, ranges: Iterable[tuple[int, int]], chunk: int = DEFAULT_CHUNK,
-             depth: int = DEFAULT_DEPTH) -> Iterator[tuple[int, bytearray]]:
+    def read(
+        self,
+        ranges: Iterable[tuple[int, int]],
+        chunk: int = DEFAULT_CHUNK,
+        depth: int = DEFAULT_DEPTH,
+    ) -> Iterator[tuple[int, bytearray]]:
         """Read ``(offset, length)`` ranges, yielding ``(offset, data)`` in order.
 
         Each yielded buffer is new: the caller may keep it.
@@ -146,8 +153,9 @@ class NbdClient:
                 try:
                     cookie = self._h.aio_pwrite(buf, offset + pos)
                 except nbd.Error as err:
-                    raise _error(f"{self.where}: write at offset {offset + pos} failed",
-                                 err) from None
+                    raise _error(
+                        f"{self.where}: write at offset {offset + pos} failed", err
+                    ) from None
                 pending.append((cookie, offset + pos, buf))
         while pending:
             cookie, at, _buf = pending.popleft()
@@ -171,10 +179,8 @@ class NbdClient:
 
     def close(self) -> None:
         """Disconnect; the handle is freed with this object."""
-        try:
+        with contextlib.suppress(nbd.Error):
             self._h.shutdown()
-        except nbd.Error:
-            pass
 
     def _wait(self, cookie: int, what: str) -> None:
         try:

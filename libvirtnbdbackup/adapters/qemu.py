@@ -58,7 +58,9 @@ def qcow2_create_options(info: dict[str, Any], data_file: str | None = None) -> 
     return options
 
 
-def create_image(path: str, size: int, fmt: str = "qcow2", options: list[str] | None = None) -> None:
+def create_image(
+    path: str, size: int, fmt: str = "qcow2", options: list[str] | None = None
+) -> None:
     cmd = ["qemu-img", "create", "-q", "-f", fmt]
     if options:
         cmd += ["-o", ",".join(options)]
@@ -80,8 +82,18 @@ def nbd_server(image: str, fmt: str = "qcow2", *, socket_dir: str | None = None)
     workdir = tempfile.mkdtemp(prefix="virtnbdrestore.", dir=socket_dir)
     socket = os.path.join(workdir, "nbd.sock")
     cmd = [
-        "qemu-nbd", "--socket", socket, "--format", fmt, "--cache", "writeback",
-        "--discard", "unmap", "--shared", "1", image,
+        "qemu-nbd",
+        "--socket",
+        socket,
+        "--format",
+        fmt,
+        "--cache",
+        "writeback",
+        "--discard",
+        "unmap",
+        "--shared",
+        "1",
+        image,
     ]
     log.debug("running %s", " ".join(cmd))
     try:

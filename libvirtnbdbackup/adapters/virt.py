@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -62,10 +63,8 @@ class Hypervisor:
             raise DomainError(f"domain {name!r} not found at {self.uri}: {_message(err)}") from None
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             self._conn.close()
-        except libvirt.libvirtError:
-            pass
 
 
 class Domain:

@@ -46,54 +46,82 @@ def build_parser() -> argparse.ArgumentParser:
     opt = parser.add_argument_group("General options")
     opt.add_argument("-d", "--domain", required=True, help="Domain to back up.")
     opt.add_argument(
-        "-l", "--level", default="copy", choices=["copy", "full"],
+        "-l",
+        "--level",
+        default="copy",
+        choices=["copy", "full"],
         help="Backup level. (default: %(default)s)",
     )
     opt.add_argument(
-        "-t", "--type", default="stream", choices=["stream", "raw"],
+        "-t",
+        "--type",
+        default="stream",
+        choices=["stream", "raw"],
         help="Output type: stream or raw. (default: %(default)s)",
     )
     opt.add_argument(
-        "-r", "--raw", action="store_true",
+        "-r",
+        "--raw",
+        action="store_true",
         help="Include raw-format disk images (as full-size copies). (default: %(default)s)",
     )
     opt.add_argument(
-        "-o", "--output", required=True,
+        "-o",
+        "--output",
+        required=True,
         help="Output folder, or - for a zip archive on standard output.",
     )
     opt.add_argument(
-        "-C", "--checkpointdir", default=None,
+        "-C",
+        "--checkpointdir",
+        default=None,
         help="Folder for the checkpoint XML files. (default: OUTPUT/checkpoints)",
     )
     opt.add_argument(
-        "--scratchdir", default="/var/tmp",
+        "--scratchdir",
+        default="/var/tmp",
         help="Folder for the backup job's scratch files. (default: %(default)s)",
     )
     opt.add_argument("-i", "--include", default=None, help="Back up only these disks (-i vda,vdb).")
     opt.add_argument("-x", "--exclude", default=None, help="Leave out these disks (-x vda,vdb).")
     opt.add_argument(
-        "-f", "--socketfile", default=None,
+        "-f",
+        "--socketfile",
+        default=None,
         help="Unix socket for the NBD server. (default: SCRATCHDIR/virtnbdbackup.PID)",
     )
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
     opt.add_argument(
-        "-z", "--compress", nargs="?", type=int, const=2, default=None, metavar="LEVEL",
+        "-z",
+        "--compress",
+        nargs="?",
+        type=int,
+        const=2,
+        default=None,
+        metavar="LEVEL",
         help="Compress with lz4 at LEVEL. (default: off; 2 when LEVEL is left out)",
     )
     opt.add_argument(
-        "-w", "--worker", type=int, default=None,
+        "-w",
+        "--worker",
+        type=int,
+        default=None,
         help="Disks backed up at once. (default: one per disk)",
     )
     remote = parser.add_argument_group("Connection options")
     remote.add_argument(
-        "-U", "--uri", default="qemu:///system",
+        "-U",
+        "--uri",
+        default="qemu:///system",
         help="libvirt connection URI. (default: %(default)s)",
     )
     remote.add_argument("--user", default=None, help="User to authenticate to libvirt with.")
     remote.add_argument("--password", default=None, help="Password to authenticate with.")
     debug = parser.add_argument_group("Job control")
     debug.add_argument(
-        "-k", "--killonly", action="store_true",
+        "-k",
+        "--killonly",
+        action="store_true",
         help="Stop a backup job left running on the domain, then exit.",
     )
     add_common_args(parser)
@@ -152,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(lambda: kill_backup_job(opts), counter, args.strict)
 
     def job() -> None:
-        target: Target = ZipTarget(sys.stdout.buffer) if opts.to_stdout else DirectoryTarget(
-            opts.output
+        target: Target = (
+            ZipTarget(sys.stdout.buffer) if opts.to_stdout else DirectoryTarget(opts.output)
         )
         BackupJob(opts, target, cancel).run()
         if opts.to_stdout and log_file:

@@ -44,7 +44,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--quiet", action="store_true", help="Log only errors to the console, no progress bars."
     )
     group.add_argument(
-        "-e", "--strict", action="store_true",
+        "-e",
+        "--strict",
+        action="store_true",
         help="Exit with code 2 when warnings were logged. (default: %(default)s)",
     )
     group.add_argument("-V", "--version", action="version", version=__version__)

@@ -34,13 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     opt = parser.add_argument_group("General options")
     opt.add_argument("-i", "--input", required=True, help="Folder holding the backup set.")
     opt.add_argument(
-        "-o", "--output", required=True,
+        "-o",
+        "--output",
+        required=True,
         help="Folder to restore into; 'dump' prints the backup set's metadata; "
         "'verify' checks the data files' checksums.",
     )
     opt.add_argument("-d", "--disk", default=None, help="Restore only this disk (e.g. vda).")
     opt.add_argument(
-        "-r", "--raw", action="store_true",
+        "-r",
+        "--raw",
+        action="store_true",
         help="Restore raw-format disks too (copied as raw images). (default: %(default)s)",
     )
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")

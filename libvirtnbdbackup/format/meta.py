@@ -65,7 +65,7 @@ class StreamMeta:
                 incremental=bool(doc.get("incremental", False)),
                 compressed=compressed,
                 date=str(doc.get("date", "")),
-                stream_version=int(doc.get("streamVersion", doc.get("stream-version", 1))),
+                stream_version=int(doc.get("streamVersion") or doc.get("stream-version") or 1),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise StreamError(f"{where}: meta frame lacks or mangles {err}") from None

@@ -13,7 +13,7 @@ import lz4.frame
 
 from ..errors import StreamError
 from . import frames
-from .frames import HEADER_SIZE, TERMINATOR, Kind
+from .frames import HEADER_SIZE, TERMINATOR, Header, Kind
 from .meta import StreamMeta
 from .writer import TrailerEntry
 
@@ -112,10 +112,7 @@ class StreamReader:
     def _compressed_payload(self, frame: Frame, chunk_size: int) -> Iterator[memoryview]:
         entry = self._trailer[self._data_frames_read]
         self._data_frames_read += 1
-        if isinstance(entry, int):
-            sizes = [entry]
-        else:
-            sizes = next(iter(entry.values()))
+        sizes = [entry] if isinstance(entry, int) else next(iter(entry.values()))
         got = 0
         for size in sizes:
             where = self._where(self._pos)
@@ -166,7 +163,7 @@ class StreamReader:
             ) from None
         return trailer
 
-    def _header(self) -> frames.Header:
+    def _header(self) -> Header:
         position = self._pos
         return frames.decode(self._read_some(HEADER_SIZE), self._where(position))
 

@@ -177,8 +177,9 @@ class BackupJob:
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="disk") as pool:
                 futures: list[Future[DiskResult]] = [
-                    pool.submit(self._backup_disk, disk, index, socket, checkpoint,
-                                compressor, window)
+                    pool.submit(
+                        self._backup_disk, disk, index, socket, checkpoint, compressor, window
+                    )
                     for index, disk in enumerate(disks)
                 ]
                 self._wait(futures)
@@ -225,8 +226,14 @@ class BackupJob:
         client = NbdClient.connect_unix(socket, disk.target, [ALLOCATION_CONTEXT], wait=10)
         try:
             return DiskBackup(
-                client, plan, self.target, cancel=self.cancel, compressor=compressor,
-                compress_window=window, progress=self.opts.progress, position=index,
+                client,
+                plan,
+                self.target,
+                cancel=self.cancel,
+                compressor=compressor,
+                compress_window=window,
+                progress=self.opts.progress,
+                position=index,
             ).run()
         finally:
             client.close()

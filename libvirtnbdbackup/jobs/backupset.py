@@ -72,7 +72,9 @@ def chains(files: list[DataFile]) -> dict[str, list[DataFile]]:
         while rest:
             last = chain[-1].meta
             assert last is not None
-            following = [f for f in rest if f.meta and f.meta.parent_checkpoint == last.checkpoint_name]
+            following = [
+                f for f in rest if f.meta and f.meta.parent_checkpoint == last.checkpoint_name
+            ]
             if len(following) != 1:
                 names = ", ".join(f.name for f in rest)
                 raise StreamError(

@@ -101,11 +101,19 @@ class DiskBackup:
         data_size = sum(r.length for r in regions if r.data)
         log.info(
             "disk %s: %d bytes virtual, %d bytes of data in %d data extents",
-            self.plan.target, self.client.size, data_size, sum(1 for r in regions if r.data),
+            self.plan.target,
+            self.client.size,
+            data_size,
+            sum(1 for r in regions if r.data),
         )
         with tqdm(
-            total=data_size, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=self.plan.target, position=self.position, leave=True,
+            total=data_size,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=self.plan.target,
+            position=self.position,
+            leave=True,
             disable=not self.progress,
         ) as bar:
             sink = self.target.open_data(self.plan.file_name)
@@ -125,7 +133,10 @@ class DiskBackup:
         seconds = time.monotonic() - started
         log.info(
             "disk %s: saved %s (%.1f MiB of data in %.2f s, %.1f MiB/s)",
-            self.plan.target, self.plan.file_name, data_size / 2**20, seconds,
+            self.plan.target,
+            self.plan.file_name,
+            data_size / 2**20,
+            seconds,
             data_size / 2**20 / max(seconds, 1e-6),
         )
         return DiskResult(

@@ -105,10 +105,18 @@ class RestoreJob:
         total = sum(f.meta.data_size for f in chain if f.meta)
         try:
             qemu.create_image(str(partial), base.meta.virtual_size, "qcow2", options)
-            with qemu.nbd_server(str(partial)) as socket, tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=disk,
-                position=position, disable=not self.opts.progress,
-            ) as bar:
+            with (
+                qemu.nbd_server(str(partial)) as socket,
+                tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=disk,
+                    position=position,
+                    disable=not self.opts.progress,
+                ) as bar,
+            ):
                 client = NbdClient.connect_unix(socket, wait=10)
                 try:
                     for index, data_file in enumerate(chain):
@@ -127,7 +135,11 @@ class RestoreJob:
         seconds = time.monotonic() - started
         log.info(
             "disk %s: restored %s (%.1f MiB of data in %.2f s, %.1f MiB/s)",
-            disk, image, total / 2**20, seconds, total / 2**20 / max(seconds, 1e-6),
+            disk,
+            image,
+            total / 2**20,
+            seconds,
+            total / 2**20 / max(seconds, 1e-6),
         )
 
     @staticmethod
@@ -209,8 +221,9 @@ def verify(folder: str) -> None:
             log.error("%s: checksum %d does not match the saved %d", f.name, actual, expected)
             failed.append(f.name)
     if failed:
-        raise StreamError(f"{len(failed)} of {checked} data files failed verification: "
-                          + ", ".join(failed))
+        raise StreamError(
+            f"{len(failed)} of {checked} data files failed verification: " + ", ".join(failed)
+        )
     if not checked:
         raise VirtnbdError(f"{folder} holds no data file with a checksum to verify")
 

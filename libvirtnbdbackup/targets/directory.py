@@ -32,7 +32,7 @@ class PartialFile:
         if path.exists() and not overwrite:
             raise TargetError(f"{path} exists already; refusing to overwrite it")
         try:
-            self._fh: BinaryIO = open(self.partial, "wb")
+            self._fh: BinaryIO = open(self.partial, "wb")  # noqa: SIM115 (closed by commit/abort)
         except OSError as err:
             raise TargetError(f"cannot create {self.partial}: {err.strerror}") from None
 

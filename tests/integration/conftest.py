@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+
+from .vmlab import (
+    DiskSpec,
+    GiB,
+    LabVM,
+    MiB,
+    create_vm,
+    ensure_libvirtd,
+    remove_leftovers,
+    remove_vm,
+)
+
+# vda: holes, data past 2 GiB, explicit zero clusters (unallocated and
+# allocated), data up to the very last cluster.
+VDA = DiskSpec(
+    "vda",
+    3 * GiB,
+    writes=[
+        "write -P 0xab 0 1M",
+        "write -z 10M 2M",
+        "write -P 0x5a 50M 1M",
+        "write -z 50M 512K",
+        "write -P 0xcd 100M 4M",
+        f"write -P 0xef {2 * GiB + 64 * 1024} 1M",
+        f"write -P 0x77 {3 * GiB - 64 * 1024} 64K",
+    ],
+)
+VDB = DiskSpec("vdb", 1 * GiB, writes=["write -P 0x42 0 8M", "write -P 0x43 512M 4M"])
+VDC_RAW = DiskSpec("vdc", 64 * MiB, fmt="raw", writes=["write -P 0x11 4M 1M"])
+
+
+@pytest.fixture(scope="session")
+def conn() -> Iterator[libvirt.virConnect]:
+    connection = ensure_libvirtd()
+    remove_leftovers(connection)
+    yield connection
+    remove_leftovers(connection)
+    connection.close()
+
+
+@pytest.fixture(scope="module")
+def vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
+    """A running VM with two qcow2 disks, one raw disk and an empty cdrom."""
+    lab = create_vm(conn, [VDA, VDB, VDC_RAW])
+    yield lab
+    remove_vm(lab)
+
+
+@pytest.fixture()
+def fresh_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
+    """Like ``vm``, for tests that change the VM's state."""
+    lab = create_vm(conn, [VDA, VDB, VDC_RAW])
+    yield lab
+    remove_vm(lab)
