@@ -9,7 +9,7 @@ PACKAGES=(
     qemu-system-x86 qemu-utils qemu-block-extra
     nbdkit nbdkit-plugin-python nbdfuse libnbd-bin fuse3
     python3-libnbd python3-libvirt python3-lz4 python3-tqdm python3-venv
-    e2fsprogs make
+    ovmf e2fsprogs
 )
 
 missing=()

@@ -25,6 +25,9 @@ NAME_PREFIX = "vnbt-"
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -132,8 +135,16 @@ def make_image(path: Path, spec: DiskSpec) -> None:
         sh("qemu-io", "-f", spec.fmt, *args, path)
 
 
-def domain_xml(name: str, images: dict[str, tuple[Path, str]], cdrom: bool) -> str:
+def domain_xml(
+    name: str, images: dict[str, tuple[Path, str]], cdrom: bool, uefi: Path | None = None
+) -> str:
     kind = "kvm" if kvm_usable() else "qemu"
+    firmware = ""
+    if uefi is not None:  # UEFI: a loader and a per-VM NVRAM file, both backed up
+        firmware = (
+            f"<loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>"
+            f"<nvram template='{OVMF_VARS}'>{uefi}</nvram>"
+        )
     disks = "\n".join(
         f"""<disk type='file' device='disk'>
           <driver name='qemu' type='{fmt}'/>
@@ -153,13 +164,18 @@ def domain_xml(name: str, images: dict[str, tuple[Path, str]], cdrom: bool) -> s
       <name>{name}</name>
       <memory unit='MiB'>128</memory>
       <vcpu>1</vcpu>
-      <os><type arch='x86_64' machine='q35'>hvm</type></os>
+      <os><type arch='x86_64' machine='q35'>hvm</type>{firmware}</os>
+      <features><acpi/></features>
       <devices>{disks}</devices>
     </domain>"""
 
 
 def create_vm(
-    conn: libvirt.virConnect, disks: list[DiskSpec], cdrom: bool = True, start: bool = True
+    conn: libvirt.virConnect,
+    disks: list[DiskSpec],
+    cdrom: bool = True,
+    start: bool = True,
+    uefi: bool = False,
 ) -> LabVM:
     name = f"{NAME_PREFIX}{uuid.uuid4().hex[:8]}"
     folder = LAB_DIR / name
@@ -171,7 +187,8 @@ def create_vm(
         path = folder / f"{name}-{spec.target}.{spec.fmt}"
         make_image(path, spec)
         images[spec.target] = (path, spec.fmt)
-    dom = conn.defineXML(domain_xml(name, images, cdrom))
+    nvram = folder / f"{name}_VARS.fd" if uefi else None
+    dom = conn.defineXML(domain_xml(name, images, cdrom, nvram))
     if start:
         dom.create()
     return LabVM(name, dom, {t: p for t, (p, _f) in images.items()}, folder)
