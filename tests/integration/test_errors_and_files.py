@@ -8,7 +8,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from .vmlab import OVMF_CODE, GiB, DiskSpec, LabVM, create_vm, remove_vm, run_tool
+from .vmlab import OVMF_CODE, DiskSpec, GiB, LabVM, create_vm, remove_vm, run_tool
 
 
 def test_missing_domain_fails_with_exit_1(conn: libvirt.virConnect, tmp_path: Path) -> None:
