@@ -12,19 +12,26 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import nbd
 
 from ..errors import NbdError
 
 ALLOCATION_CONTEXT = "base:allocation"
+
+
+def bitmap_context(bitmap: str) -> str:
+    return f"qemu:dirty-bitmap:{bitmap}"
+
+
 STATE_HOLE = 1  # NBD_STATE_HOLE in base:allocation
+DIRTY = 1  # set in qemu:dirty-bitmap:NAME for blocks changed since the checkpoint
 DEFAULT_CHUNK = 4 * 1024 * 1024
 DEFAULT_DEPTH = 8
 MAX_BLOCK_STATUS = 1 << 31  # bytes asked per block status request
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)

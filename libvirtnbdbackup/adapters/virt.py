@@ -91,6 +91,10 @@ class Domain:
         cp = self._call(f"find checkpoint {name}", self._dom.checkpointLookupByName, name)
         self._call(f"delete checkpoint {name}", cp.delete, 0)
 
+    def redefine_checkpoint(self, xml: str) -> None:
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+        self._call("redefine a checkpoint", self._dom.checkpointCreateXML, xml, flags)
+
     def begin_backup(self, backup_xml: str, checkpoint_xml: str | None) -> None:
         self._call("start the backup job", self._dom.backupBegin, backup_xml, checkpoint_xml, 0)
 

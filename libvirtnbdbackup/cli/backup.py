@@ -11,7 +11,13 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import UsageError, VirtnbdError
-from ..jobs.backup import BackupJob, BackupOptions, check_output_folder, kill_backup_job
+from ..jobs.backup import (
+    BackupJob,
+    BackupOptions,
+    check_output_folder,
+    kill_backup_job,
+    resolve_level,
+)
 from ..targets.base import Target
 from ..targets.directory import DirectoryTarget
 from ..targets.zipstream import ZipTarget
@@ -29,6 +35,8 @@ EXAMPLES = """\
 examples:
   # full backup of domain webvm, all disks:
   virtnbdbackup -d webvm -l full -o /backup/webvm
+  # then save what changed since (run from cron: full into an empty folder, else inc):
+  virtnbdbackup -d webvm -l auto -o /backup/webvm
   # copy backup (no checkpoint) of disk vda only, lz4 compressed:
   virtnbdbackup -d webvm -l copy -i vda -z -o /backup/webvm-copy
   # full backup as a zip archive on standard output:
@@ -49,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-l",
         "--level",
         default="copy",
-        choices=["copy", "full"],
+        choices=["copy", "full", "inc", "diff", "auto"],
         help="Backup level. (default: %(default)s)",
     )
     opt.add_argument(
@@ -89,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--socketfile",
         default=None,
         help="Unix socket for the NBD server. (default: SCRATCHDIR/virtnbdbackup.PID)",
+    )
+    opt.add_argument(
+        "--no-sparse-detection",
+        action="store_true",
+        help="inc/diff: save every changed block, also those now unallocated "
+        "(trimmed); bigger backups. (default: %(default)s)",
     )
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
     opt.add_argument(
@@ -154,6 +168,7 @@ def options_from(args: argparse.Namespace) -> BackupOptions:
         compress=args.compress,
         workers=args.worker,
         progress=not (args.noprogress or args.quiet),
+        sparse=not args.no_sparse_detection,
     )
 
 
@@ -164,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = options_from(args)
         if not args.killonly:
+            opts.level = resolve_level(opts)
             check_output_folder(opts)
         log_dir = Path(opts.meta_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     log_file = None if args.killonly else str(log_dir / f"backup.{opts.level}.{stamp}.log")
     counter = setup_logging(args, log_file)
     log.info("virtnbdbackup %s, level %s", __version__, opts.level)
+    if args.level == "auto":
+        log.info(
+            "level auto: the folder %s a backup set", "holds" if opts.level == "inc" else "holds no"
+        )
 
     if args.killonly:
         return run_job(lambda: kill_backup_job(opts), counter, args.strict)

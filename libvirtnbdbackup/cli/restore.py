@@ -17,6 +17,8 @@ EXAMPLES = """\
 examples:
   # restore every disk of a backup set into qcow2 images:
   virtnbdrestore -i /backup/webvm -o /var/lib/libvirt/images/restored
+  # restore the state of the first incremental backup:
+  virtnbdrestore -i /backup/webvm -o /tmp/restored --until virtnbdbackup.1
   # show what the backup set holds:
   virtnbdrestore -i /backup/webvm -o dump
   # check every data file against its saved checksum:
@@ -47,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Restore raw-format disks too (copied as raw images). (default: %(default)s)",
     )
+    opt.add_argument(
+        "--until",
+        default=None,
+        metavar="CHECKPOINT",
+        help="Restore the state of this checkpoint (see -o dump for checkpointName).",
+    )
+    opt.add_argument(
+        "--sequence",
+        default=None,
+        metavar="FILE,FILE",
+        help="Apply exactly these data files, a full or copy file first.",
+    )
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
     add_common_args(parser)
     return parser
@@ -70,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         disk=args.disk,
         raw=args.raw,
         progress=not (args.noprogress or args.quiet),
+        until=args.until,
+        sequence=[n.strip() for n in args.sequence.split(",") if n.strip()]
+        if args.sequence
+        else None,
     )
 
     def job() -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Union
+from typing import Any
 
 from ..errors import StreamError
 from .frames import COMPRESSION_METHOD, STREAM_VERSION
 
 # False, or the lz4 level (0 included: anything but False means compressed).
-Compression = Union[bool, int]
+Compression = bool | int
 
 
 @dataclass(frozen=True)

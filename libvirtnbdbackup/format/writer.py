@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import lz4.frame
 
@@ -23,10 +23,10 @@ from . import frames
 from .frames import MAX_REQUEST_SIZE, TERMINATOR, Kind
 from .meta import StreamMeta
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 # A trailer entry: the compressed size of a one-piece extent, or
 # {"<total compressed size>": [size of each piece]}.
-TrailerEntry = Union[int, dict[str, list[int]]]
+TrailerEntry = int | dict[str, list[int]]
 
 
 def compress_piece(data: Buffer, level: int) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..adapters import qemu
 from ..adapters.domainxml import Disk, boot_files, parse_disks, select_disks
-from ..adapters.nbdclient import ALLOCATION_CONTEXT, NbdClient
+from ..adapters.nbdclient import ALLOCATION_CONTEXT, NbdClient, bitmap_context
 from ..adapters.virt import (
     CHECKPOINT_PREFIX,
     Domain,
@@ -25,6 +25,7 @@ from ..adapters.virt import (
 from ..errors import DomainError, Interrupted, QemuToolError, UsageError
 from ..targets.base import Target
 from ..targets.directory import write_atomic
+from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ BACKUP_SET_PATTERNS = ("*.data", "*.data.partial", "*.cpt", "vmconfig.*.xml")
 @dataclass
 class BackupOptions:
     domain: str
-    level: str  # copy or full
+    level: str  # copy, full, inc or diff (auto is resolved before the job)
     output: str  # a folder, or "-" for a zip on stdout
     uri: str = "qemu:///system"
     user: str | None = None
@@ -51,6 +52,11 @@ class BackupOptions:
     compress: int | None = None
     workers: int | None = None
     progress: bool = True
+    sparse: bool = True
+
+    @property
+    def cpt_file(self) -> Path:
+        return self.meta_dir / f"{self.domain}.cpt"
 
     @property
     def to_stdout(self) -> bool:
@@ -62,8 +68,23 @@ class BackupOptions:
         return Path("." if self.to_stdout else self.output)
 
 
+def backup_set_files(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted({p.name for pat in BACKUP_SET_PATTERNS for p in folder.glob(pat)})
+
+
+def resolve_level(opts: BackupOptions) -> str:
+    """``auto``: a full backup into an empty folder, else an incremental one."""
+    if opts.level != "auto":
+        return opts.level
+    if opts.to_stdout:
+        raise UsageError("level auto needs a backup folder, not standard output")
+    return "inc" if backup_set_files(Path(opts.output)) else "full"
+
+
 def check_output_folder(opts: BackupOptions) -> None:
-    """Refuse a folder that already holds a backup set: never overwrite one."""
+    """Refuse a folder that does not fit the level: never overwrite a backup."""
     if opts.to_stdout:
         if opts.output_type == "raw":
             raise UsageError("output type raw cannot be written to standard output")
@@ -71,14 +92,33 @@ def check_output_folder(opts: BackupOptions) -> None:
     folder = Path(opts.output)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
-    if folder.is_dir():
-        found = sorted({p.name for pat in BACKUP_SET_PATTERNS for p in folder.glob(pat)})
+    found = backup_set_files(folder)
+    if opts.level in ("copy", "full"):
         if found:
             raise UsageError(
                 f"{folder} already holds a backup set ({', '.join(found[:3])}"
                 f"{', ...' if len(found) > 3 else ''}); a {opts.level} backup needs an "
                 "empty folder: choose a new one"
             )
+        return
+    if opts.output_type == "raw":
+        raise UsageError(f"output type raw cannot hold {opts.level} backups; use the stream type")
+    if opts.raw:
+        raise UsageError(
+            f"raw-format disks have no dirty bitmap: leave out --raw for {opts.level} backups"
+        )
+    partial = [name for name in found if name.endswith(".partial")]
+    if partial:
+        raise UsageError(
+            f"{folder} holds unfinished data files of a failed backup ({', '.join(partial)}); "
+            f"an {opts.level} backup on top of it could not be restored: remove them and take "
+            "a new full backup into a new folder"
+        )
+    if not opts.cpt_file.is_file():
+        raise UsageError(
+            f"{folder} holds no full backup to build on ({opts.cpt_file.name} is missing); "
+            "take a full backup first"
+        )
 
 
 class BackupJob:
@@ -105,8 +145,8 @@ class BackupJob:
     def _run(self, domain: Domain) -> list[DiskResult]:
         if not domain.is_running():
             raise DomainError(
-                f"domain {domain.name} is not running: copy and full backups are taken "
-                "from a running domain; start it first"
+                f"domain {domain.name} is not running: backups are taken from a running "
+                "domain; start it first"
             )
         if domain.has_backup_job():
             raise DomainError(
@@ -126,17 +166,27 @@ class BackupJob:
             raise UsageError(f"domain {domain.name} has no disk left to back up")
         log.info("backing up disks: %s", ", ".join(d.target for d in disks))
 
-        checkpoint = f"{CHECKPOINT_PREFIX}.0"
+        step = plan_step(
+            self.opts.level,
+            read_chain(self.opts.cpt_file),
+            offline=False,
+            epoch=int(time.time()),
+        )
         bitmap_disks = [d for d in disks if d.format != "raw"]
         new_checkpoint = None
-        if self.opts.level == "full":
+        if step.level == "full":
             if not bitmap_disks:
                 raise UsageError(
                     "a full backup starts a chain of dirty bitmaps, which raw images cannot "
                     "hold; back up raw-only domains with -l copy"
                 )
             self._remove_checkpoints(domain)
-            new_checkpoint = checkpoint_xml(checkpoint, bitmap_disks, all_disks)
+        if step.since:
+            self._ensure_checkpoints(domain, read_chain(self.opts.cpt_file))
+            log.info("saving the changes since checkpoint %s", step.since)
+        if step.create:
+            new_checkpoint = checkpoint_xml(step.create, bitmap_disks, all_disks)
+            log.info("creating checkpoint %s", step.create)
 
         socket = self.opts.socket_file or f"{self.opts.scratch_dir}/virtnbdbackup.{self.pid}"
         scratch = {
@@ -144,19 +194,39 @@ class BackupJob:
             for d in disks
         }
         os.makedirs(self.opts.scratch_dir, exist_ok=True)
-        job_xml = backup_xml(disks, all_disks, socket, scratch)
+        job_xml = backup_xml(disks, all_disks, socket, scratch, incremental=step.since)
         log.info("starting backup job, NBD socket %s", socket)
         domain.begin_backup(job_xml, new_checkpoint)
         try:
-            results = self._backup_disks(disks, socket, checkpoint)
-            self._save_metadata(domain, domain_xml, disks, checkpoint)
+            results = self._backup_disks(disks, socket, step)
+            self._save_metadata(domain, domain_xml, disks, step)
         except BaseException:
             self._stop_job(domain)
-            if new_checkpoint:
-                self._drop_checkpoint(domain, checkpoint)
+            if step.create:
+                self._drop_checkpoint(domain, step.create)
             raise
         self._stop_job(domain)
         return results
+
+    def _ensure_checkpoints(self, domain: Domain, chain: list[str]) -> None:
+        """Redefine the chain's checkpoints that libvirt has lost.
+
+        libvirt forgets checkpoints when a domain is undefined and defined
+        again, moved to another host, or libvirtd's state is lost, while the
+        bitmaps stay in the images. The saved checkpoint XML brings them back.
+        """
+        known = set(domain.checkpoint_names())
+        for name in chain:
+            if name in known:
+                continue
+            saved = self.checkpoint_dir / f"{name}.xml"
+            if not saved.is_file():
+                raise DomainError(
+                    f"checkpoint {name} of this chain is unknown to libvirt and {saved} is "
+                    "missing, so it cannot be redefined; take a full backup into a new folder"
+                )
+            domain.redefine_checkpoint(saved.read_text())
+            log.warning("checkpoint %s was missing in libvirt: redefined from %s", name, saved)
 
     def _remove_checkpoints(self, domain: Domain) -> None:
         """A full backup starts a new chain: drop our old checkpoints, newest first."""
@@ -167,7 +237,7 @@ class BackupJob:
             for old in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}.*.xml"):
                 old.unlink()
 
-    def _backup_disks(self, disks: list[Disk], socket: str, checkpoint: str) -> list[DiskResult]:
+    def _backup_disks(self, disks: list[Disk], socket: str, step: BackupStep) -> list[DiskResult]:
         workers = 1 if self.opts.to_stdout else max(1, self.opts.workers or len(disks))
         log.info("concurrent disk workers: %d", workers)
         compressor = None
@@ -177,9 +247,7 @@ class BackupJob:
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="disk") as pool:
                 futures: list[Future[DiskResult]] = [
-                    pool.submit(
-                        self._backup_disk, disk, index, socket, checkpoint, compressor, window
-                    )
+                    pool.submit(self._backup_disk, disk, index, socket, step, compressor, window)
                     for index, disk in enumerate(disks)
                 ]
                 self._wait(futures)
@@ -206,24 +274,28 @@ class BackupJob:
         disk: Disk,
         index: int,
         socket: str,
-        checkpoint: str,
+        step: BackupStep,
         compressor: ThreadPoolExecutor | None,
         window: int,
     ) -> DiskResult:
         threading.current_thread().name = disk.target
-        level = self.opts.level
         raw_image = disk.format == "raw"
         plan = DiskPlan(
             target=disk.target,
-            file_name=f"{disk.target}.{'copy' if raw_image else level}.data",
+            file_name=f"{disk.target}.{'copy' if raw_image else step.file_tag}.data",
             raw_output=raw_image or self.opts.output_type == "raw",
             disk_format=disk.format,
-            checkpoint_name=checkpoint,
-            parent_checkpoint="",
-            incremental=False,
+            checkpoint_name=step.checkpoint,
+            parent_checkpoint=step.parent,
+            incremental=step.incremental,
             compress=self.opts.compress,
+            bitmap=f"backup-{disk.target}" if step.since else None,
+            sparse=self.opts.sparse,
         )
-        client = NbdClient.connect_unix(socket, disk.target, [ALLOCATION_CONTEXT], wait=10)
+        contexts = [ALLOCATION_CONTEXT]
+        if plan.bitmap:
+            contexts.append(bitmap_context(plan.bitmap))
+        client = NbdClient.connect_unix(socket, disk.target, contexts, wait=10)
         try:
             return DiskBackup(
                 client,
@@ -239,9 +311,9 @@ class BackupJob:
             client.close()
 
     def _save_metadata(
-        self, domain: Domain, domain_xml: str, disks: list[Disk], checkpoint: str
+        self, domain: Domain, domain_xml: str, disks: list[Disk], step: BackupStep
     ) -> None:
-        ident = "copy" if self.opts.level == "copy" else checkpoint
+        ident = step.ident
         self.target.write_file(f"vmconfig.{ident}.xml", domain_xml.encode())
         for disk in disks:
             if not disk.is_local_image or disk.path is None:
@@ -256,23 +328,25 @@ class BackupJob:
             )
         for path in boot_files(domain_xml):
             name = os.path.basename(path)
-            if self.opts.level != "copy":
+            if step.level != "copy":
                 name = f"{name}.{ident}"
             try:
                 self.target.copy_file(name, path)
                 log.info("saved boot file %s as %s", path, name)
             except OSError as err:
                 log.warning("boot file %s not saved: %s", path, err)
-        if self.opts.level == "full":
-            self._save_checkpoint(domain, checkpoint)
+        if step.create:
+            self._save_checkpoint(domain, step.create)
 
     def _save_checkpoint(self, domain: Domain, checkpoint: str) -> None:
+        """Keep the checkpoint's XML (to redefine it) and append it to the chain."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         xml = domain.checkpoint_xml(checkpoint).encode()
         write_atomic(self.checkpoint_dir / f"{checkpoint}.xml", xml)
-        cpt_name = f"{domain.name}.cpt"
-        cpt = json.dumps([checkpoint]).encode()
-        write_atomic(self.opts.meta_dir / cpt_name, cpt)
+        chain = [] if checkpoint == checkpoint_name(0) else read_chain(self.opts.cpt_file)
+        cpt_name = self.opts.cpt_file.name
+        cpt = json.dumps([*chain, checkpoint]).encode()
+        write_atomic(self.opts.cpt_file, cpt)
         if self.opts.to_stdout:
             self.target.write_file(cpt_name, cpt)
             self.target.write_file(f"checkpoints/{checkpoint}.xml", xml)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ class DataFile:
         """The identifier of this backup in side-file names."""
         if self.meta is None or ".copy." in self.name:
             return "copy"
+        if ".diff." in self.name:  # <dev>.diff.<epoch>.data
+            return self.name.split(".diff.", 1)[1].removesuffix(".data")
         return self.meta.checkpoint_name
 
 
@@ -49,43 +52,113 @@ def scan(folder: str | Path) -> list[DataFile]:
     return files
 
 
-def chains(files: list[DataFile]) -> dict[str, list[DataFile]]:
-    """Per disk, its files in the order they must be applied.
+@dataclass(frozen=True)
+class Chain:
+    """One disk's backups: full or copy, incrementals in order, differentials."""
+
+    disk: str
+    links: list[DataFile]  # base first, then each incremental on its parent
+    diffs: list[DataFile]  # leaves: each holds all changes since its parent
+
+    def sequence(self, until: str | None = None) -> list[DataFile]:
+        """Files to apply for the newest state, or for checkpoint ``until``."""
+        if until is None:
+            last = self.links[-1]
+            later = [d for d in self.diffs if _parent(d) == _checkpoint(last)]
+            return self.links + later[-1:]
+        for index in range(len(self.links) - 1, -1, -1):
+            if _checkpoint(self.links[index]) == until:
+                return self.links[: index + 1]
+        for diff in reversed(self.diffs):
+            if _checkpoint(diff) == until:
+                parent = [i for i, f in enumerate(self.links) if _checkpoint(f) == _parent(diff)]
+                return [*self.links[: parent[-1] + 1], diff]
+        known = sorted({_checkpoint(f) for f in self.links + self.diffs})
+        raise StreamError(
+            f"disk {self.disk}: no backup with checkpoint {until}; known: {', '.join(known)}"
+        )
+
+
+def _checkpoint(f: DataFile) -> str:
+    return f.meta.checkpoint_name if f.meta else ""
+
+
+def _parent(f: DataFile) -> str:
+    return f.meta.parent_checkpoint if f.meta else ""
+
+
+def _date(f: DataFile) -> str:
+    return f.meta.date if f.meta else ""
+
+
+def chains(files: list[DataFile]) -> dict[str, Chain]:
+    """Per disk, the chain its files form, from the meta JSON alone.
 
     A chain starts at the disk's full or copy file and follows each
-    incremental file whose parent is the checkpoint of the one before; the
-    order comes from the meta JSON, never from file times.
+    incremental file whose parent is the checkpoint of the one before (an
+    offline incremental, saved under its parent's name, comes right after
+    its parent). Differential files hang off the checkpoint they were taken
+    against. File times play no part.
     """
     by_disk: dict[str, list[DataFile]] = {}
     for f in files:
         by_disk.setdefault(f.disk, []).append(f)
-    result = {}
-    for disk, group in sorted(by_disk.items()):
-        bases = [f for f in group if f.meta is None or not f.meta.incremental]
-        if len(bases) != 1:
-            names = ", ".join(f.name for f in bases) or "none"
+    return {disk: _chain(disk, group) for disk, group in sorted(by_disk.items())}
+
+
+def _chain(disk: str, group: list[DataFile]) -> Chain:
+    bases = [f for f in group if f.meta is None or not f.meta.incremental]
+    if len(bases) != 1:
+        names = ", ".join(f.name for f in bases) or "none"
+        raise StreamError(
+            f"disk {disk}: a chain needs exactly one full or copy file, found {names}"
+        )
+    diffs = sorted((f for f in group if ".diff." in f.name), key=_date)
+    incs = [f for f in group if f is not bases[0] and f not in diffs]
+    links = [bases[0]]
+    while incs:
+        current = _checkpoint(links[-1])
+        offline = sorted((f for f in incs if _parent(f) == _checkpoint(f) == current), key=_date)
+        following = [f for f in incs if _parent(f) == current and f not in offline]
+        if len(following) > 1:
+            names = ", ".join(f.name for f in following)
             raise StreamError(
-                f"disk {disk}: a chain needs exactly one full or copy file, found {names}"
+                f"disk {disk}: {names} all claim parent {current}; remove all but one"
             )
-        chain = [bases[0]]
-        rest = [f for f in group if f is not bases[0]]
-        while rest:
-            last = chain[-1].meta
-            assert last is not None
-            following = [
-                f for f in rest if f.meta and f.meta.parent_checkpoint == last.checkpoint_name
-            ]
-            if len(following) != 1:
-                names = ", ".join(f.name for f in rest)
-                raise StreamError(
-                    f"disk {disk}: cannot place {names} after {chain[-1].name} "
-                    f"(checkpoint {last.checkpoint_name}): "
-                    + ("no file names it as parent" if not following else "several files do")
-                )
-            chain.append(following[0])
-            rest.remove(following[0])
-        result[disk] = chain
-    return result
+        if not offline and not following:
+            names = ", ".join(f.name for f in incs)
+            raise StreamError(
+                f"disk {disk}: cannot place {names}: the chain ends at {links[-1].name} "
+                f"(checkpoint {current}) and no file names it as parent; a link is missing"
+            )
+        for f in offline + following:
+            links.append(f)
+            incs.remove(f)
+    for diff in diffs:
+        if _parent(diff) not in {_checkpoint(f) for f in links}:
+            raise StreamError(
+                f"disk {disk}: {diff.name} builds on checkpoint {_parent(diff)}, "
+                "which no file of the chain holds"
+            )
+    return Chain(disk, links, diffs)
+
+
+def ordered_sequence(files: list[DataFile]) -> list[DataFile]:
+    """An explicit ``--sequence``: checked link by link before anything is written."""
+    first = files[0]
+    if first.meta is not None and first.meta.incremental:
+        raise StreamError(f"--sequence must start with a full or copy file, not {first.name}")
+    for before, after in itertools.pairwise(files):
+        if after.meta is None or after.disk != first.disk:
+            raise StreamError(
+                f"--sequence: {after.name} is not an incremental file of disk {first.disk}"
+            )
+        if _parent(after) != _checkpoint(before):
+            raise StreamError(
+                f"--sequence: {after.name} builds on checkpoint {_parent(after)}, but "
+                f"{before.name} holds {_checkpoint(before)}"
+            )
+    return files
 
 
 def load_json(path: Path) -> Any:

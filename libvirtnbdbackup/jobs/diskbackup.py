@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from ..adapters.nbdclient import STATE_HOLE, Extent, NbdClient
+from ..adapters.nbdclient import (
+    ALLOCATION_CONTEXT,
+    DIRTY,
+    STATE_HOLE,
+    Extent,
+    NbdClient,
+    bitmap_context,
+)
 from ..errors import Interrupted, NbdError, TargetError
 from ..format.meta import StreamMeta
 from ..format.writer import StreamWriter
@@ -44,6 +51,8 @@ class DiskPlan:
     parent_checkpoint: str
     incremental: bool
     compress: int | None
+    bitmap: str | None = None  # dirty bitmap export selecting changed blocks
+    sparse: bool = True  # skip reading changed blocks that are now unallocated
 
 
 @dataclass(frozen=True)
@@ -62,15 +71,46 @@ def allocation_regions(extents: list[Extent]) -> list[Region]:
     Flags 0 (allocated) and 2 (zero but allocated) are data; 1 (hole) and
     3 (hole and zero) are zero.
     """
+    return _merge([Region(e.offset, e.length, not e.flags & STATE_HOLE) for e in extents])
+
+
+def changed_regions(dirty: list[Extent], allocation: list[Extent], *, sparse: bool) -> list[Region]:
+    """What an incremental backup writes: the blocks dirty since the parent.
+
+    Without sparse detection every dirty range is data. With it, dirty
+    ranges are cut along the allocation map: allocated parts are data,
+    parts now unallocated (trimmed) are zero frames, which cost no read and
+    no space yet keep a restore bit-identical where the parent held data.
+    """
+    changed = [e for e in dirty if e.flags & DIRTY]
+    if not sparse:
+        return _merge([Region(e.offset, e.length, True) for e in changed])
+    alloc = allocation_regions(allocation)
     regions: list[Region] = []
-    for ext in extents:
-        data = not ext.flags & STATE_HOLE
-        if regions and regions[-1].data == data:
-            last = regions[-1]
-            regions[-1] = Region(last.offset, last.length + ext.length, data)
+    i = 0
+    for ext in changed:
+        start, end = ext.offset, ext.offset + ext.length
+        while i < len(alloc) and alloc[i].offset + alloc[i].length <= start:
+            i += 1
+        j = i
+        while start < end and j < len(alloc):
+            part_end = min(end, alloc[j].offset + alloc[j].length)
+            if part_end > start:
+                regions.append(Region(start, part_end - start, alloc[j].data))
+                start = part_end
+            j += 1
+    return _merge(regions)
+
+
+def _merge(regions: list[Region]) -> list[Region]:
+    merged: list[Region] = []
+    for r in regions:
+        last = merged[-1] if merged else None
+        if last and last.data == r.data and last.offset + last.length == r.offset:
+            merged[-1] = Region(last.offset, last.length + r.length, r.data)
         else:
-            regions.append(Region(ext.offset, ext.length, data))
-    return regions
+            merged.append(r)
+    return merged
 
 
 class DiskBackup:
@@ -97,7 +137,12 @@ class DiskBackup:
 
     def run(self) -> DiskResult:
         started = time.monotonic()
-        regions = allocation_regions(self.client.extents())
+        allocation = self.client.extents(ALLOCATION_CONTEXT)
+        if self.plan.bitmap:
+            dirty = self.client.extents(bitmap_context(self.plan.bitmap))
+            regions = changed_regions(dirty, allocation, sparse=self.plan.sparse)
+        else:
+            regions = allocation_regions(allocation)
         data_size = sum(r.length for r in regions if r.data)
         log.info(
             "disk %s: %d bytes virtual, %d bytes of data in %d data extents",

@@ -19,7 +19,7 @@ from ..errors import Interrupted, StreamError, TargetError, VirtnbdError
 from ..format.frames import Kind
 from ..format.reader import StreamReader, file_adler32
 from ..targets.directory import PARTIAL_SUFFIX, fsync_dir
-from .backupset import DataFile, chains, image_names, load_json, scan
+from .backupset import DataFile, chains, image_names, load_json, ordered_sequence, scan
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ class RestoreOptions:
     disk: str | None = None
     raw: bool = False
     progress: bool = True
+    until: str | None = None  # restore the state of this checkpoint
+    sequence: list[str] | None = None  # explicit data file names, base first
 
 
 class RestoreJob:
@@ -53,7 +55,7 @@ class RestoreJob:
                 "ignoring unfinished data files of a failed backup: %s",
                 ", ".join(p.name for p in partials),
             )
-        disk_chains = chains(files)
+        disk_chains = self._sequences(files)
         config = self._latest_config(disk_chains)
         names = image_names(self.input, config, list(disk_chains))
         self.output.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,21 @@ class RestoreJob:
             (self.output / config.name).write_bytes(config.read_bytes())
             log.info("copied domain configuration %s", config.name)
         return restored
+
+    def _sequences(self, files: list[DataFile]) -> dict[str, list[DataFile]]:
+        """Per disk, the files to apply in order."""
+        if self.opts.sequence:
+            by_name = {f.name: f for f in files}
+            missing = [n for n in self.opts.sequence if n not in by_name]
+            if missing:
+                raise TargetError(f"--sequence: no data file {', '.join(missing)} in {self.input}")
+            chosen = ordered_sequence([by_name[n] for n in self.opts.sequence])
+            return {chosen[0].disk: chosen}
+        result = {}
+        for disk, chain in chains(files).items():
+            result[disk] = chain.sequence(self.opts.until)
+            log.info("disk %s: applying %s", disk, " + ".join(f.name for f in result[disk]))
+        return result
 
     def _latest_config(self, disk_chains: dict[str, list[DataFile]]) -> Path | None:
         """The domain XML saved with the newest backup in the chains."""

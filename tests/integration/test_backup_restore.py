@@ -107,7 +107,7 @@ def test_stream_is_thin(vm: LabVM, tmp_path: Path) -> None:
     assert 0 < overhead < 16 * 1024, overhead
     # Frames cover the disk without gaps, in order, data and zero alternating.
     pos = 0
-    for prev, frame in zip([None, *frames], frames):
+    for prev, frame in zip([None, *frames], frames, strict=False):
         assert frame.start == pos
         pos += frame.length
         assert prev is None or prev.kind != frame.kind

@@ -147,7 +147,7 @@ def domain_xml(
         )
     disks = "\n".join(
         f"""<disk type='file' device='disk'>
-          <driver name='qemu' type='{fmt}'/>
+          <driver name='qemu' type='{fmt}' discard='unmap'/>
           <source file='{path}'/>
           <target dev='{target}' bus='virtio'/>
         </disk>"""
@@ -197,6 +197,20 @@ def create_vm(
 def remove_vm(vm: LabVM) -> None:
     destroy(vm.dom)
     shutil.rmtree(vm.folder, ignore_errors=True)
+
+
+def hmp_io(vm: LabVM, target: str, command: str) -> None:
+    """Run a qemu-io command on a running VM's disk, as a guest write would."""
+    index = sorted(vm.images).index(target)
+    out = sh(
+        "virsh",
+        "qemu-monitor-command",
+        vm.name,
+        "--hmp",
+        f'qemu-io -d virtio-disk{index}/virtio-backend "{command}"',
+    ).stdout
+    if out.strip():
+        raise RuntimeError(f"qemu-io {command!r} on {vm.name}: {out.strip()}")
 
 
 def images_identical(a: Path, b: Path) -> bool:
