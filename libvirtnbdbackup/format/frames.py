@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -11,6 +12,9 @@ HEADER_SIZE = 40
 TERMINATOR = b"\r\n"
 STREAM_VERSION = 2
 COMPRESSION_METHOD = "lz4"
+# Meta and trailer JSON are small; a larger length means a damaged header.
+MAX_JSON_SIZE = 64 * 1024 * 1024
+_HEADER = re.compile(rb"(.{4}) ([0-9a-fA-F]{16}) ([0-9a-fA-F]{16})", re.DOTALL)
 # Largest NBD request, and the piece size of compressed data frames.
 MAX_REQUEST_SIZE = 32 * 1024 * 1024
 
@@ -47,12 +51,11 @@ def decode(raw: bytes, where: str) -> Header:
         )
     if raw[38:40] != TERMINATOR:
         raise StreamError(f"{where}: frame header does not end with CR LF: {raw!r}")
-    parts = raw[:38].split(b" ")
+    match = _HEADER.fullmatch(raw[:38])
+    if match is None:
+        raise StreamError(f"{where}: not a frame header: {raw[:HEADER_SIZE]!r}")
     try:
-        kind = Kind(parts[0])
-        start, length = int(parts[1], 16), int(parts[2], 16)
-    except (ValueError, IndexError):
-        raise StreamError(f"{where}: not a frame header: {raw!r}") from None
-    if len(parts) != 3:
-        raise StreamError(f"{where}: not a frame header: {raw!r}")
-    return Header(kind, start, length)
+        kind = Kind(match[1])
+    except ValueError:
+        raise StreamError(f"{where}: unknown frame kind {match[1]!r}") from None
+    return Header(kind, int(match[2], 16), int(match[3], 16))

@@ -13,7 +13,7 @@ import lz4.frame
 
 from ..errors import StreamError
 from . import frames
-from .frames import HEADER_SIZE, TERMINATOR, Header, Kind
+from .frames import HEADER_SIZE, MAX_JSON_SIZE, MAX_REQUEST_SIZE, TERMINATOR, Header, Kind
 from .meta import StreamMeta
 from .writer import TrailerEntry
 
@@ -43,8 +43,7 @@ class StreamReader:
         self.name = name
         self._pos = 0
         header = self._header()
-        if header.kind is not Kind.META:
-            raise StreamError(f"{self._where(0)}: file does not start with a meta frame")
+        _check_meta_header(header, self._where(0))
         raw = self._read_exact(header.length, "meta JSON")
         self._expect_terminator()
         try:
@@ -116,6 +115,8 @@ class StreamReader:
         got = 0
         for size in sizes:
             where = self._where(self._pos)
+            if size > 2 * MAX_REQUEST_SIZE:
+                raise StreamError(f"{where}: compressed piece of {size} bytes is implausible")
             packed = self._read_exact(size, f"compressed data of extent at {frame.start}")
             try:
                 raw = memoryview(lz4.frame.decompress(packed))
@@ -147,6 +148,11 @@ class StreamReader:
                 "(the file is truncated)"
             )
         start = end - HEADER_SIZE - 2 - header.length
+        if header.length > MAX_JSON_SIZE or start < self._pos:
+            raise StreamError(
+                f"{self._where(end - HEADER_SIZE)}: compression trailer length "
+                f"{header.length} does not fit the file (the file is damaged)"
+            )
         self._fh.seek(start)
         raw = self._fh.read(header.length)
         self._fh.seek(self._pos)
@@ -155,8 +161,7 @@ class StreamReader:
             if not isinstance(trailer, list):
                 raise ValueError("not a list")
             for entry in trailer:
-                if not isinstance(entry, (int, dict)) or isinstance(entry, bool):
-                    raise ValueError(f"bad entry {entry!r}")
+                _check_trailer_entry(entry)
         except ValueError as err:
             raise StreamError(
                 f"{self._where(start)}: compression trailer is damaged: {err}"
@@ -194,12 +199,38 @@ class StreamReader:
         return f"{self.name} at offset {offset}"
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_trailer_entry(entry: object) -> None:
+    """An int, or {"<total>": [piece sizes]} whose pieces add up to the total."""
+    if _is_count(entry):
+        return
+    if isinstance(entry, dict) and len(entry) == 1:
+        ((total, pieces),) = entry.items()
+        if (
+            isinstance(pieces, list)
+            and pieces
+            and all(_is_count(p) for p in pieces)
+            and str(sum(pieces)) == total
+        ):
+            return
+    raise ValueError(f"bad entry {entry!r}")
+
+
+def _check_meta_header(header: Header, where: str) -> None:
+    if header.kind is not Kind.META:
+        raise StreamError(f"{where}: file does not start with a meta frame")
+    if header.length > MAX_JSON_SIZE:
+        raise StreamError(f"{where}: meta length {header.length} is implausible (damaged header)")
+
+
 def read_meta(path: str) -> StreamMeta:
     """The meta of a data file, reading only its first frame."""
     with open(path, "rb") as fh:
         header = frames.decode(fh.read(HEADER_SIZE), f"{path} at offset 0")
-        if header.kind is not Kind.META:
-            raise StreamError(f"{path}: file does not start with a meta frame")
+        _check_meta_header(header, f"{path} at offset 0")
         raw = fh.read(header.length)
     try:
         return StreamMeta.from_json(json.loads(raw), path)

@@ -1,0 +1,362 @@
+"""Round trip StreamWriter -> StreamReader over random extent layouts (stream-format.md)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from libvirtnbdbackup.errors import StreamError
+from libvirtnbdbackup.format import frames
+from libvirtnbdbackup.format.frames import HEADER_SIZE, Kind
+from libvirtnbdbackup.format.meta import StreamMeta
+from libvirtnbdbackup.format.reader import StreamReader, file_adler32
+from libvirtnbdbackup.format.writer import StreamWriter
+
+Compression = bool | int
+# kind, start, length, payload (empty for zero frames)
+ReadFrame = tuple[Kind, int, int, bytes]
+DATE = "2024-05-06T07:08:09.123456"
+
+
+@dataclass(frozen=True)
+class Extent:
+    kind: Kind
+    start: int
+    length: int
+    data: bytes = b""
+    # Where the writer's input is cut into chunks (offsets inside the extent).
+    cuts: tuple[int, ...] = ()
+    chunk_type: str = "bytes"
+
+    def chunks(self) -> list[bytes | bytearray | memoryview]:
+        bounds = [0, *self.cuts, self.length]
+        parts = [self.data[a:b] for a, b in itertools.pairwise(bounds)]
+        if self.chunk_type == "bytearray":
+            return [bytearray(p) for p in parts]
+        if self.chunk_type == "memoryview":
+            return [memoryview(p) for p in parts]
+        return list(parts)
+
+
+def make_meta(virtual_size: int, data_size: int, compressed: Compression) -> StreamMeta:
+    return StreamMeta(
+        virtual_size=virtual_size,
+        data_size=data_size,
+        disk_name="vda",
+        disk_format="qcow2",
+        checkpoint_name="virtnbdbackup.0",
+        parent_checkpoint="",
+        incremental=False,
+        compressed=compressed,
+        date=DATE,
+    )
+
+
+def write_stream(
+    extents: list[Extent],
+    virtual_size: int,
+    compressed: Compression,
+    *,
+    max_piece: int,
+    executor: Executor | None = None,
+    window: int = 4,
+) -> tuple[bytes, int, int]:
+    """The bytes written, the checksum finish() returned, and bytes_written."""
+    data_size = sum(e.length for e in extents if e.kind is Kind.DATA)
+    out = io.BytesIO()
+    writer = StreamWriter(
+        out,
+        make_meta(virtual_size, data_size, compressed),
+        max_piece=max_piece,
+        executor=executor,
+        window=window,
+    )
+    for e in extents:
+        if e.kind is Kind.DATA:
+            writer.data(e.start, e.length, e.chunks())
+        else:
+            writer.zero(e.start, e.length)
+    checksum = writer.finish()
+    return out.getvalue(), checksum, writer.bytes_written
+
+
+def read_stream(raw: bytes, chunk_size: int) -> tuple[StreamReader, list[ReadFrame]]:
+    reader = StreamReader(io.BytesIO(raw), "test.data")
+    got: list[ReadFrame] = []
+    for frame in reader.frames():
+        assert raw[frame.position : frame.position + HEADER_SIZE] == frames.encode(
+            frame.kind, frame.start, frame.length
+        )
+        payload = b""
+        if frame.kind is Kind.DATA:
+            for chunk in reader.payload(frame, chunk_size):
+                assert 0 < len(chunk) <= chunk_size
+                payload += bytes(chunk)
+        got.append((frame.kind, frame.start, frame.length, payload))
+    return reader, got
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+noisy = st.binary(min_size=1, max_size=3000)
+repetitive = st.tuples(st.binary(min_size=1, max_size=8), st.integers(1, 3000)).map(
+    lambda t: (t[0] * t[1])[: t[1]]
+)
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[int, list[Extent]]:
+    """A virtual size and sorted, non-overlapping extents (adjacent ones included)."""
+    extents: list[Extent] = []
+    pos = draw(st.integers(0, 100))
+    for _ in range(draw(st.integers(0, 8))):
+        pos += draw(st.one_of(st.just(0), st.integers(1, 5000)))
+        if draw(st.booleans()):
+            data = draw(st.one_of(noisy, repetitive))
+            cuts = draw(
+                st.lists(st.integers(0, len(data)), max_size=4).map(lambda c: tuple(sorted(c)))
+            )
+            chunk_type = draw(st.sampled_from(["bytes", "bytearray", "memoryview"]))
+            extents.append(Extent(Kind.DATA, pos, len(data), data, cuts, chunk_type))
+            pos += len(data)
+        else:
+            length = draw(st.integers(1, 1 << 40))
+            extents.append(Extent(Kind.ZERO, pos, length))
+            pos += length
+    virtual_size = pos + draw(st.integers(0, 4096))
+    return virtual_size, extents
+
+
+def expected_frames(extents: list[Extent]) -> list[ReadFrame]:
+    return [(e.kind, e.start, e.length, e.data) for e in extents]
+
+
+def uncompressed_body(extents: list[Extent]) -> bytes:
+    """What follows the meta frame in an uncompressed file, built from the spec alone."""
+    body = b""
+    for e in extents:
+        if e.kind is Kind.DATA:
+            body += b"data %016x %016x\r\n" % (e.start, e.length) + e.data + b"\r\n"
+        else:
+            body += b"zero %016x %016x\r\n" % (e.start, e.length)
+    return body + b"stop 0000000000000000 0000000000000000\r\n"
+
+
+# --- properties -------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=layouts(),
+    compressed=st.one_of(st.just(False), st.integers(0, 4)),
+    max_piece=st.one_of(st.integers(64, 512), st.integers(64, 4096)),
+    window=st.integers(1, 4),
+    chunk_size=st.integers(1, 5000),
+)
+def test_round_trip(
+    layout: tuple[int, list[Extent]],
+    compressed: Compression,
+    max_piece: int,
+    window: int,
+    chunk_size: int,
+) -> None:
+    virtual_size, extents = layout
+    raw, checksum, written = write_stream(extents, virtual_size, compressed, max_piece=max_piece)
+
+    assert checksum == zlib.adler32(raw)
+    assert written == len(raw)
+
+    reader, got = read_stream(raw, chunk_size)
+    data_size = sum(e.length for e in extents if e.kind is Kind.DATA)
+    assert got == expected_frames(extents)
+    assert reader.meta == make_meta(virtual_size, data_size, compressed)
+    assert reader.meta.data_size == data_size
+
+    # The meta frame as stored in the file.
+    meta_len = frames.decode(raw[:HEADER_SIZE], "test").length
+    doc = json.loads(raw[HEADER_SIZE : HEADER_SIZE + meta_len])
+    assert doc["dataSize"] == data_size
+    assert doc["virtualSize"] == virtual_size
+    body = raw[HEADER_SIZE + meta_len + 2 :]
+    if compressed is False:
+        assert body == uncompressed_body(extents)
+    else:
+        assert raw[-HEADER_SIZE:].startswith(b"comp ")
+
+    # A thread pool must not change a single byte of the output.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        raw_pool, checksum_pool, _ = write_stream(
+            extents, virtual_size, compressed, max_piece=max_piece, executor=pool, window=window
+        )
+    assert raw_pool == raw
+    assert checksum_pool == checksum
+
+
+@settings(max_examples=30, deadline=None)
+@given(layout=layouts(), compressed=st.one_of(st.just(False), st.integers(0, 4)))
+def test_frames_are_skipped_when_payloads_are_not_read(
+    layout: tuple[int, list[Extent]], compressed: Compression
+) -> None:
+    virtual_size, extents = layout
+    raw, _, _ = write_stream(extents, virtual_size, compressed, max_piece=256)
+    reader = StreamReader(io.BytesIO(raw), "test.data")
+    got = [(f.kind, f.start, f.length) for f in reader.frames()]
+    assert got == [(e.kind, e.start, e.length) for e in extents]
+
+
+# --- examples ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compressed", [False, 0, 2])
+def test_writer_does_not_merge_adjacent_extents(compressed: Compression) -> None:
+    extents = [
+        Extent(Kind.DATA, 0, 100, b"a" * 100),
+        Extent(Kind.DATA, 100, 50, b"b" * 50),
+        Extent(Kind.ZERO, 150, 200),
+        Extent(Kind.ZERO, 350, 10),
+        Extent(Kind.DATA, 360, 5, b"ccccc"),
+    ]
+    raw, _, _ = write_stream(extents, 1000, compressed, max_piece=64)
+    assert raw.count(b"\r\ndata ") == 3
+    assert raw.count(b"zero 0000") == 2
+    _, got = read_stream(raw, 4096)
+    assert got == expected_frames(extents)
+    if compressed is False:
+        assert raw.endswith(uncompressed_body(extents))
+
+
+def test_writer_writes_data_that_is_all_zero_as_data() -> None:
+    extents = [Extent(Kind.DATA, 0, 512, bytes(512)), Extent(Kind.ZERO, 512, 512)]
+    raw, _, _ = write_stream(extents, 1024, False, max_piece=4096)
+    _, got = read_stream(raw, 4096)
+    assert got == expected_frames(extents)
+
+
+@pytest.mark.parametrize("compressed", [False, 3])
+def test_empty_stream(compressed: Compression) -> None:
+    raw, checksum, _ = write_stream([], 0, compressed, max_piece=64)
+    assert checksum == zlib.adler32(raw)
+    reader, got = read_stream(raw, 10)
+    assert got == []
+    assert reader.meta.data_size == 0
+
+
+@pytest.mark.parametrize("compressed", [False, 1])
+def test_file_adler32_matches_the_writer(tmp_path: Path, compressed: Compression) -> None:
+    extents = [Extent(Kind.DATA, 0, 3000, bytes(range(256)) * 11 + b"x" * 184)]
+    path = tmp_path / "vda.full.data"
+    with path.open("wb") as fh:
+        writer = StreamWriter(fh, make_meta(4096, 3000, compressed), max_piece=1024)
+        writer.data(0, 3000, [extents[0].data])
+        checksum = writer.finish()
+    raw = path.read_bytes()
+    assert checksum == zlib.adler32(raw)
+    assert file_adler32(str(path)) == checksum
+    assert file_adler32(str(path), chunk_size=7) == checksum
+
+
+def test_checksum_starts_at_one() -> None:
+    # zlib's Adler-32 with starting value 1: an empty input gives 1, "a" gives 0x00620062.
+    assert zlib.adler32(b"") == 1
+    raw, checksum, _ = write_stream([], 0, False, max_piece=64)
+    a, b = 1, 0
+    for byte in raw:
+        a = (a + byte) % 65521
+        b = (b + a) % 65521
+    assert checksum == (b << 16) | a
+
+
+def test_writer_refuses_a_wrong_data_size() -> None:
+    out = io.BytesIO()
+    writer = StreamWriter(out, make_meta(1000, 99, False), max_piece=64)
+    writer.data(0, 100, [b"x" * 100])
+    with pytest.raises(StreamError):
+        writer.finish()
+
+
+def test_writer_refuses_a_short_source() -> None:
+    out = io.BytesIO()
+    writer = StreamWriter(out, make_meta(1000, 100, False), max_piece=64)
+    with pytest.raises(StreamError):
+        writer.data(0, 100, [b"x" * 99])
+
+
+@pytest.mark.parametrize(("offset", "length"), [(50, 10), (99, 1), (200, 0)])
+def test_writer_refuses_overlapping_or_empty_extents(offset: int, length: int) -> None:
+    writer = StreamWriter(io.BytesIO(), make_meta(1000, 100, False), max_piece=64)
+    writer.data(0, 100, [b"x" * 100])
+    with pytest.raises(ValueError):
+        writer.zero(offset, length)
+
+
+def test_reader_does_not_care_about_meta_indentation() -> None:
+    doc = make_meta(100, 4, False).to_json()
+    compact = json.dumps(doc, separators=(",", ":")).encode()
+    raw = (
+        frames.encode(Kind.META, 0, len(compact))
+        + compact
+        + b"\r\n"
+        + frames.encode(Kind.DATA, 8, 4)
+        + b"abcd\r\n"
+        + frames.encode(Kind.STOP, 0, 0)
+    )
+    reader, got = read_stream(raw, 4096)
+    assert reader.meta == make_meta(100, 4, False)
+    assert got == [(Kind.DATA, 8, 4, b"abcd")]
+
+
+class _TrackedFuture(Future[Any]):
+    def __init__(self, owner: CountingExecutor) -> None:
+        super().__init__()
+        self._owner = owner
+        self._collected = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._collected:
+            self._collected = True
+            self._owner.outstanding -= 1
+        return super().result(timeout)
+
+
+class CountingExecutor(Executor):
+    """Runs work at once, but counts pieces submitted and not yet collected by the writer."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+        self.outstanding = 0
+        self.most_outstanding = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future = _TrackedFuture(self)
+        future.set_result(fn(*args, **kwargs))
+        self.submitted += 1
+        self.outstanding += 1
+        self.most_outstanding = max(self.most_outstanding, self.outstanding)
+        return future
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_window_bounds_the_pieces_waiting_for_compression(window: int) -> None:
+    extents = [
+        Extent(Kind.DATA, 0, 2000, bytes(range(250)) * 8),
+        Extent(Kind.ZERO, 2000, 100),
+        Extent(Kind.DATA, 2100, 700, b"z" * 700),
+    ]
+    executor = CountingExecutor()
+    raw, _, _ = write_stream(extents, 4096, 2, max_piece=100, executor=executor, window=window)
+    assert executor.submitted == 20 + 7  # every piece went through the executor
+    assert executor.outstanding == 0  # and was collected by finish()
+    assert executor.most_outstanding == window
+    plain, _, _ = write_stream(extents, 4096, 2, max_piece=100)
+    assert raw == plain
