@@ -72,29 +72,38 @@ def convert_raw(source: str, dest: str) -> None:
     run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "raw", source, dest], f"copy {source}")
 
 
-@contextmanager
-def nbd_server(image: str, fmt: str = "qcow2", *, socket_dir: str | None = None) -> Iterator[str]:
-    """Serve ``image`` read-write with qemu-nbd on a private unix socket.
+def image_bitmaps(info: dict[str, Any]) -> dict[str, list[str]]:
+    """Persistent bitmaps of a qcow2 image (from ``image_info``) and their flags."""
+    bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    return {b["name"]: list(b.get("flags", [])) for b in bitmaps}
 
-    Yields the socket path. qemu-nbd ends when its one client disconnects;
-    it is killed if it is still there when the block is left.
+
+@contextmanager
+def nbd_server(
+    image: str,
+    fmt: str = "qcow2",
+    *,
+    readonly: bool = False,
+    export: str = "",
+    bitmap: str | None = None,
+    socket_dir: str | None = None,
+) -> Iterator[str]:
+    """Serve ``image`` with qemu-nbd on a private unix socket; yield the socket.
+
+    qemu-nbd ends when its one client disconnects; it is killed if it is
+    still there when the block is left. ``bitmap`` exposes that persistent
+    dirty bitmap as ``qemu:dirty-bitmap:NAME``.
     """
-    workdir = tempfile.mkdtemp(prefix="virtnbdrestore.", dir=socket_dir)
+    workdir = tempfile.mkdtemp(prefix="virtnbdbackup.", dir=socket_dir)
     socket = os.path.join(workdir, "nbd.sock")
-    cmd = [
-        "qemu-nbd",
-        "--socket",
-        socket,
-        "--format",
-        fmt,
-        "--cache",
-        "writeback",
-        "--discard",
-        "unmap",
-        "--shared",
-        "1",
-        image,
-    ]
+    cmd = ["qemu-nbd", "--socket", socket, "--format", fmt, "--export-name", export]
+    if readonly:
+        cmd += ["--read-only"]
+    else:
+        cmd += ["--cache", "writeback", "--discard", "unmap"]
+    if bitmap:
+        cmd += ["--bitmap", bitmap]
+    cmd += ["--shared", "1", image]
     log.debug("running %s", " ".join(cmd))
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -88,12 +88,48 @@ class Domain:
         return self._call(f"read checkpoint {name}", cp.getXMLDesc, 0)
 
     def delete_checkpoint(self, name: str) -> None:
+        """Delete a checkpoint and its bitmaps; only its metadata if they are gone."""
         cp = self._call(f"find checkpoint {name}", self._dom.checkpointLookupByName, name)
-        self._call(f"delete checkpoint {name}", cp.delete, 0)
+        try:
+            cp.delete(0)
+        except libvirt.libvirtError as err:
+            if "bitmap" not in _message(err):
+                raise DomainError(
+                    f"domain {self.name}: cannot delete checkpoint {name}: {_message(err)}"
+                ) from None
+            log.warning(
+                "checkpoint %s has no bitmap left (%s): removing its metadata only",
+                name,
+                _message(err),
+            )
+            flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+            self._call(f"delete checkpoint {name}", cp.delete, flags)
 
     def redefine_checkpoint(self, xml: str) -> None:
+        """Recreate lost checkpoint metadata; fails if a bitmap is not in its image."""
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+        if self.is_running():
+            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
         self._call("redefine a checkpoint", self._dom.checkpointCreateXML, xml, flags)
+
+    def checkpoint_sizes(self, name: str) -> dict[str, int]:
+        """Bytes changed since checkpoint ``name``, per disk with a bitmap.
+
+        QEMU answers from the bitmaps themselves, so this fails when one is
+        missing or was left inconsistent by a crash.
+        """
+        cp = self._call(f"find checkpoint {name}", self._dom.checkpointLookupByName, name)
+        xml = self._call(
+            f"read the bitmaps of checkpoint {name}",
+            cp.getXMLDesc,
+            libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE,
+        )
+        root = ET.fromstring(xml)
+        return {
+            node.get("name", ""): int(node.get("size", "0"))
+            for node in root.findall("./disks/disk")
+            if node.get("checkpoint") == "bitmap"
+        }
 
     def begin_backup(self, backup_xml: str, checkpoint_xml: str | None) -> None:
         self._call("start the backup job", self._dom.backupBegin, backup_xml, checkpoint_xml, 0)

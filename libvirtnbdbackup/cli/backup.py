@@ -133,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--password", default=None, help="Password to authenticate with.")
     debug = parser.add_argument_group("Job control")
     debug.add_argument(
+        "-p",
+        "--printonly",
+        action="store_true",
+        help="inc/diff: print the estimated size of the backup in bytes, then exit.",
+    )
+    debug.add_argument(
+        "-T",
+        "--threshold",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="inc/diff: skip the backup when fewer bytes changed (full and copy backups "
+        "always run). (default: %(default)s)",
+    )
+    debug.add_argument(
         "-k",
         "--killonly",
         action="store_true",
@@ -169,6 +184,8 @@ def options_from(args: argparse.Namespace) -> BackupOptions:
         workers=args.worker,
         progress=not (args.noprogress or args.quiet),
         sparse=not args.no_sparse_detection,
+        printonly=args.printonly,
+        threshold=args.threshold,
     )
 
 
@@ -180,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = options_from(args)
         if not args.killonly:
             opts.level = resolve_level(opts)
+            if opts.printonly and opts.level not in ("inc", "diff"):
+                raise UsageError("-p estimates inc and diff backups, not a full or copy")
             check_output_folder(opts)
         log_dir = Path(opts.meta_dir)
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,8 @@ class BackupOptions:
     workers: int | None = None
     progress: bool = True
     sparse: bool = True
+    printonly: bool = False  # print the estimated size of the next inc/diff, then stop
+    threshold: int = 0  # skip an inc/diff that changed fewer bytes
 
     @property
     def cpt_file(self) -> Path:
@@ -138,11 +140,11 @@ class BackupJob:
         hypervisor = Hypervisor(self.opts.uri, self.opts.user, self.opts.password)
         try:
             log.info("libvirt library version: %s", hypervisor.library_version)
-            return self._run(hypervisor.domain(self.opts.domain))
+            return self._run(hypervisor.domain(self.opts.domain), self.opts.level)
         finally:
             hypervisor.close()
 
-    def _run(self, domain: Domain) -> list[DiskResult]:
+    def _run(self, domain: Domain, level: str) -> list[DiskResult]:
         if not domain.is_running():
             raise DomainError(
                 f"domain {domain.name} is not running: backups are taken from a running "
@@ -166,12 +168,29 @@ class BackupJob:
             raise UsageError(f"domain {domain.name} has no disk left to back up")
         log.info("backing up disks: %s", ", ".join(d.target for d in disks))
 
-        step = plan_step(
-            self.opts.level,
-            read_chain(self.opts.cpt_file),
-            offline=False,
-            epoch=int(time.time()),
-        )
+        chain = read_chain(self.opts.cpt_file)
+        step = plan_step(level, chain, offline=False, epoch=int(time.time()))
+        if step.since is not None:
+            since = step.since
+            problem = self._chain_problem(domain, chain)
+            if problem:
+                if self.opts.printonly:
+                    raise DomainError(f"{problem}; the next backup will be a full backup")
+                step = self._start_new_chain(problem)
+            else:
+                changed = sum(domain.checkpoint_sizes(since).values())
+                log.info("about %d bytes changed since checkpoint %s", changed, since)
+                if self.opts.printonly:
+                    print(changed)
+                    return []
+                if changed < self.opts.threshold:
+                    log.info(
+                        "skipping the %s backup: %d bytes changed, below the threshold of %d",
+                        step.level,
+                        changed,
+                        self.opts.threshold,
+                    )
+                    return []
         bitmap_disks = [d for d in disks if d.format != "raw"]
         new_checkpoint = None
         if step.level == "full":
@@ -182,7 +201,6 @@ class BackupJob:
                 )
             self._remove_checkpoints(domain)
         if step.since:
-            self._ensure_checkpoints(domain, read_chain(self.opts.cpt_file))
             log.info("saving the changes since checkpoint %s", step.since)
         if step.create:
             new_checkpoint = checkpoint_xml(step.create, bitmap_disks, all_disks)
@@ -196,7 +214,15 @@ class BackupJob:
         os.makedirs(self.opts.scratch_dir, exist_ok=True)
         job_xml = backup_xml(disks, all_disks, socket, scratch, incremental=step.since)
         log.info("starting backup job, NBD socket %s", socket)
-        domain.begin_backup(job_xml, new_checkpoint)
+        try:
+            domain.begin_backup(job_xml, new_checkpoint)
+        except DomainError as err:
+            # QEMU checks each bitmap as the job starts: one left inconsistent
+            # by a crash is refused here, before any data has moved.
+            if step.since is None or "bitmap" not in str(err):
+                raise
+            self._start_new_chain(f"QEMU refused the bitmaps of checkpoint {step.since} ({err})")
+            return self._run(domain, "full")
         try:
             results = self._backup_disks(disks, socket, step)
             self._save_metadata(domain, domain_xml, disks, step)
@@ -208,12 +234,12 @@ class BackupJob:
         self._stop_job(domain)
         return results
 
-    def _ensure_checkpoints(self, domain: Domain, chain: list[str]) -> None:
-        """Redefine the chain's checkpoints that libvirt has lost.
+    def _chain_problem(self, domain: Domain, chain: list[str]) -> str | None:
+        """Why an incremental backup on this chain would be wrong, or None.
 
-        libvirt forgets checkpoints when a domain is undefined and defined
-        again, moved to another host, or libvirtd's state is lost, while the
-        bitmaps stay in the images. The saved checkpoint XML brings them back.
+        Checkpoints libvirt has lost (the domain was undefined and defined
+        again, moved, or libvirtd's state is gone) are redefined from the
+        saved XML, validated against the bitmaps in the images.
         """
         known = set(domain.checkpoint_names())
         for name in chain:
@@ -221,12 +247,42 @@ class BackupJob:
                 continue
             saved = self.checkpoint_dir / f"{name}.xml"
             if not saved.is_file():
-                raise DomainError(
-                    f"checkpoint {name} of this chain is unknown to libvirt and {saved} is "
-                    "missing, so it cannot be redefined; take a full backup into a new folder"
-                )
-            domain.redefine_checkpoint(saved.read_text())
+                return f"checkpoint {name} is unknown to libvirt and {saved} is missing"
+            try:
+                domain.redefine_checkpoint(saved.read_text())
+            except DomainError as err:
+                return f"checkpoint {name} cannot be redefined ({err})"
             log.warning("checkpoint %s was missing in libvirt: redefined from %s", name, saved)
+        # Whether the bitmaps themselves are intact only QEMU can tell (the
+        # image file lags behind while the VM runs): begin_backup checks them.
+        return None
+
+    def _start_new_chain(self, problem: str) -> BackupStep:
+        """Set the old chain aside, intact and restorable, and plan a full backup."""
+        if self.opts.to_stdout:
+            log.warning("%s: taking a full backup, which starts a new chain", problem)
+        else:
+            folder = Path(self.opts.output)
+            archive = folder / f"chain.{time.strftime('%Y%m%d%H%M%S')}"
+            archive.mkdir()
+            current_log = {
+                Path(h.baseFilename).name
+                for h in logging.getLogger().handlers
+                if isinstance(h, logging.FileHandler)
+            }
+            for entry in sorted(folder.iterdir()):
+                if entry == archive or entry.name in current_log:
+                    continue
+                if entry.is_dir() and entry.name.startswith("chain."):
+                    continue  # chains set aside before
+                os.rename(entry, archive / entry.name)
+            log.warning(
+                "%s: an incremental backup would not restore correctly, so a full backup "
+                "starts a new chain; the previous chain is kept, restorable, in %s",
+                problem,
+                archive,
+            )
+        return plan_step("full", [], offline=False, epoch=int(time.time()))
 
     def _remove_checkpoints(self, domain: Domain) -> None:
         """A full backup starts a new chain: drop our old checkpoints, newest first."""

@@ -102,16 +102,12 @@ def test_full_incs_and_diff_restore_at_every_point(
 
     names = sorted(p.name for p in out.glob("*.data"))
     diff = [n for n in names if ".diff." in n]
-    assert (
-        [n for n in names if n not in diff]
-        == [
-            "vda.full.data",
-            "vda.inc.virtnbdbackup.1.data",
-            "vda.inc.virtnbdbackup.2.data",
-            "vda.inc.virtnbdbackup.3.data",
-        ]
-        and len(diff) == 1
-    )
+    assert [n for n in names if n not in diff] == [
+        "vda.full.data",
+        "vda.inc.virtnbdbackup.1.data",
+        "vda.inc.virtnbdbackup.2.data",
+        "vda.inc.virtnbdbackup.3.data",
+    ] and len(diff) == 1
     epoch = diff[0].split(".")[2]
     assert (out / f"vmconfig.{epoch}.xml").is_file()
     assert json.loads((out / f"{vm.name}.cpt").read_text()) == [
