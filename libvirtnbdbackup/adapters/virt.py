@@ -76,6 +76,18 @@ class Domain:
         state, _reason = self._dom.state()
         return state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED)
 
+    def start_paused(self) -> None:
+        self._call("start the domain", self._dom.createWithFlags, libvirt.VIR_DOMAIN_START_PAUSED)
+
+    def destroy(self) -> None:
+        self._call("stop the domain", self._dom.destroy)
+
+    def suspend(self) -> None:
+        self._call("pause the domain", self._dom.suspend)
+
+    def resume(self) -> None:
+        self._call("resume the domain", self._dom.resume)
+
     def xml(self) -> str:
         return self._call("read the domain XML", self._dom.XMLDesc, 0)
 

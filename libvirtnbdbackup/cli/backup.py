@@ -122,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Disks backed up at once. (default: one per disk)",
     )
+    opt.add_argument(
+        "-S",
+        "--start-domain",
+        action="store_true",
+        help="Start a shut-off domain paused for the backup, shut it off afterwards.",
+    )
+    opt.add_argument(
+        "--pause",
+        action="store_true",
+        help="Pause a running domain while the backup job starts. (default: %(default)s)",
+    )
     remote = parser.add_argument_group("Connection options")
     remote.add_argument(
         "-U",
@@ -186,6 +197,8 @@ def options_from(args: argparse.Namespace) -> BackupOptions:
         sparse=not args.no_sparse_detection,
         printonly=args.printonly,
         threshold=args.threshold,
+        start_domain=args.start_domain,
+        pause=args.pause,
     )
 
 

@@ -7,8 +7,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ..adapters import qemu
@@ -55,6 +58,8 @@ class BackupOptions:
     sparse: bool = True
     printonly: bool = False  # print the estimated size of the next inc/diff, then stop
     threshold: int = 0  # skip an inc/diff that changed fewer bytes
+    start_domain: bool = False  # back up a shut-off domain by starting it paused
+    pause: bool = False  # suspend the domain while the backup job starts
 
     @property
     def cpt_file(self) -> Path:
@@ -123,6 +128,17 @@ def check_output_folder(opts: BackupOptions) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Export:
+    """Where one disk is served over NBD, and the bitmap of its changes."""
+
+    socket: str
+    bitmap: str | None
+
+
+ExportOpener = Callable[[Disk], AbstractContextManager[Export]]
+
+
 class BackupJob:
     def __init__(self, opts: BackupOptions, target: Target, cancel: threading.Event) -> None:
         self.opts = opts
@@ -146,10 +162,15 @@ class BackupJob:
 
     def _run(self, domain: Domain, level: str) -> list[DiskResult]:
         if not domain.is_running():
-            raise DomainError(
-                f"domain {domain.name} is not running: backups are taken from a running "
-                "domain; start it first"
-            )
+            if not self.opts.start_domain:
+                return self._run_offline(domain, level)
+            log.info("starting domain %s paused for the backup (-S)", domain.name)
+            domain.start_paused()
+            try:
+                return self._run(domain, level)
+            finally:
+                domain.destroy()
+                log.info("domain %s is shut off again", domain.name)
         if domain.has_backup_job():
             raise DomainError(
                 f"domain {domain.name} already has a backup job running (another backup, or "
@@ -157,16 +178,7 @@ class BackupJob:
                 f"{domain.name} -k"
             )
         domain_xml = domain.xml()
-        all_disks = parse_disks(domain_xml)
-        selection = select_disks(
-            all_disks, include=self.opts.include, exclude=self.opts.exclude, raw=self.opts.raw
-        )
-        for skip in selection.skipped:
-            log.info("skipping disk %s: %s", skip.disk.target, skip.reason)
-        disks = selection.selected
-        if not disks:
-            raise UsageError(f"domain {domain.name} has no disk left to back up")
-        log.info("backing up disks: %s", ", ".join(d.target for d in disks))
+        all_disks, disks = self._select_disks(domain.name, domain_xml)
 
         chain = read_chain(self.opts.cpt_file)
         step = plan_step(level, chain, offline=False, epoch=int(time.time()))
@@ -215,7 +227,14 @@ class BackupJob:
         job_xml = backup_xml(disks, all_disks, socket, scratch, incremental=step.since)
         log.info("starting backup job, NBD socket %s", socket)
         try:
-            domain.begin_backup(job_xml, new_checkpoint)
+            if self.opts.pause:
+                log.info("pausing domain %s while the backup job starts", domain.name)
+                domain.suspend()
+            try:
+                domain.begin_backup(job_xml, new_checkpoint)
+            finally:
+                if self.opts.pause:
+                    domain.resume()
         except DomainError as err:
             # QEMU checks each bitmap as the job starts: one left inconsistent
             # by a crash is refused here, before any data has moved.
@@ -224,7 +243,7 @@ class BackupJob:
             self._start_new_chain(f"QEMU refused the bitmaps of checkpoint {step.since} ({err})")
             return self._run(domain, "full")
         try:
-            results = self._backup_disks(disks, socket, step)
+            results = self._backup_disks(disks, step, partial(self._job_export, socket, step))
             self._save_metadata(domain, domain_xml, disks, step)
         except BaseException:
             self._stop_job(domain)
@@ -293,7 +312,77 @@ class BackupJob:
             for old in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}.*.xml"):
                 old.unlink()
 
-    def _backup_disks(self, disks: list[Disk], socket: str, step: BackupStep) -> list[DiskResult]:
+    def _select_disks(self, name: str, domain_xml: str) -> tuple[list[Disk], list[Disk]]:
+        """All disks of the domain, and those to back up (each skip is logged)."""
+        all_disks = parse_disks(domain_xml)
+        selection = select_disks(
+            all_disks, include=self.opts.include, exclude=self.opts.exclude, raw=self.opts.raw
+        )
+        for skip in selection.skipped:
+            log.info("skipping disk %s: %s", skip.disk.target, skip.reason)
+        if not selection.selected:
+            raise UsageError(f"domain {name} has no disk left to back up")
+        log.info("backing up disks: %s", ", ".join(d.target for d in selection.selected))
+        return all_disks, selection.selected
+
+    def _run_offline(self, domain: Domain, level: str) -> list[DiskResult]:
+        """A shut-off domain: each image is served by qemu-nbd, read-only.
+
+        No checkpoint can be created without QEMU running the domain, so a
+        full backup becomes a copy and an incremental one saves the changes
+        recorded in the last checkpoint's persistent bitmap.
+        """
+        if level == "full":
+            log.info("domain %s is shut off: a full backup becomes a copy", domain.name)
+            level = "copy"
+        domain_xml = domain.xml()
+        _all, disks = self._select_disks(domain.name, domain_xml)
+        step = plan_step(
+            level, read_chain(self.opts.cpt_file), offline=True, epoch=int(time.time())
+        )
+        if step.since is not None:
+            for disk in disks:
+                self._check_offline_bitmap(disk, step.since)
+            log.info("saving the changes since checkpoint %s", step.since)
+        results = self._backup_disks(disks, step, partial(self._offline_export, step))
+        self._save_metadata(domain, domain_xml, disks, step)
+        return results
+
+    @staticmethod
+    def _check_offline_bitmap(disk: Disk, checkpoint: str) -> None:
+        if disk.path is None or disk.format != "qcow2":
+            raise UsageError(f"disk {disk.target}: offline incremental backups need a qcow2 image")
+        bitmaps = qemu.image_bitmaps(qemu.image_info(disk.path))
+        flags = bitmaps.get(checkpoint)
+        if flags is None or "in-use" in flags:
+            state = "is missing" if flags is None else "was left inconsistent by a crash"
+            raise DomainError(
+                f"disk {disk.target}: the bitmap of checkpoint {checkpoint} {state}, so the "
+                "changes cannot be told; start the domain (or use -S) and take an inc backup, "
+                "which then starts a new chain"
+            )
+
+    @contextmanager
+    def _job_export(self, socket: str, step: BackupStep, disk: Disk) -> Iterator[Export]:
+        bitmap = f"backup-{disk.target}" if step.since else None
+        yield Export(socket, bitmap)
+
+    @contextmanager
+    def _offline_export(self, step: BackupStep, disk: Disk) -> Iterator[Export]:
+        assert disk.path is not None
+        with qemu.nbd_server(
+            disk.path,
+            disk.format,
+            readonly=True,
+            export=disk.target,
+            bitmap=step.since,
+            socket_dir=self.opts.scratch_dir,
+        ) as socket:
+            yield Export(socket, step.since)
+
+    def _backup_disks(
+        self, disks: list[Disk], step: BackupStep, export: ExportOpener
+    ) -> list[DiskResult]:
         workers = 1 if self.opts.to_stdout else max(1, self.opts.workers or len(disks))
         log.info("concurrent disk workers: %d", workers)
         compressor = None
@@ -303,7 +392,7 @@ class BackupJob:
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="disk") as pool:
                 futures: list[Future[DiskResult]] = [
-                    pool.submit(self._backup_disk, disk, index, socket, step, compressor, window)
+                    pool.submit(self._backup_disk, disk, index, step, export, compressor, window)
                     for index, disk in enumerate(disks)
                 ]
                 self._wait(futures)
@@ -329,12 +418,24 @@ class BackupJob:
         self,
         disk: Disk,
         index: int,
-        socket: str,
         step: BackupStep,
+        export: ExportOpener,
         compressor: ThreadPoolExecutor | None,
         window: int,
     ) -> DiskResult:
         threading.current_thread().name = disk.target
+        with export(disk) as source:
+            return self._backup_export(disk, index, step, source, compressor, window)
+
+    def _backup_export(
+        self,
+        disk: Disk,
+        index: int,
+        step: BackupStep,
+        source: Export,
+        compressor: ThreadPoolExecutor | None,
+        window: int,
+    ) -> DiskResult:
         raw_image = disk.format == "raw"
         plan = DiskPlan(
             target=disk.target,
@@ -345,13 +446,13 @@ class BackupJob:
             parent_checkpoint=step.parent,
             incremental=step.incremental,
             compress=self.opts.compress,
-            bitmap=f"backup-{disk.target}" if step.since else None,
+            bitmap=source.bitmap,
             sparse=self.opts.sparse,
         )
         contexts = [ALLOCATION_CONTEXT]
         if plan.bitmap:
             contexts.append(bitmap_context(plan.bitmap))
-        client = NbdClient.connect_unix(socket, disk.target, contexts, wait=10)
+        client = NbdClient.connect_unix(source.socket, disk.target, contexts, wait=10)
         try:
             return DiskBackup(
                 client,

@@ -32,8 +32,9 @@ class DataFile:
         """The identifier of this backup in side-file names."""
         if self.meta is None or ".copy." in self.name:
             return "copy"
-        if ".diff." in self.name:  # <dev>.diff.<epoch>.data
-            return self.name.split(".diff.", 1)[1].removesuffix(".data")
+        for tag in (".diff.", ".inc."):  # <dev>.diff.<epoch>.data, <dev>.inc.<ident>.data
+            if tag in self.name:
+                return self.name.split(tag, 1)[1].removesuffix(".data")
         return self.meta.checkpoint_name
 
 
@@ -66,8 +67,8 @@ class Chain:
             last = self.links[-1]
             later = [d for d in self.diffs if _parent(d) == _checkpoint(last)]
             return self.links + later[-1:]
-        for index in range(len(self.links) - 1, -1, -1):
-            if _checkpoint(self.links[index]) == until:
+        for index, link in enumerate(self.links):  # the first file that reached it
+            if _checkpoint(link) == until:
                 return self.links[: index + 1]
         for diff in reversed(self.diffs):
             if _checkpoint(diff) == until:

@@ -66,7 +66,9 @@ def plan_step(level: str, chain: list[str], *, offline: bool, epoch: int) -> Bac
         if offline:
             # No checkpoint can be created without QEMU: the changes since
             # the parent are saved under the parent's name.
-            return BackupStep("inc", parent, parent, None, parent, parent, f"inc.{parent}")
+            # The epoch keeps it apart from the parent's own incremental file.
+            ident = f"{parent}.{epoch}"
+            return BackupStep("inc", parent, parent, None, parent, ident, f"inc.{ident}")
         return BackupStep(
             "inc", following, parent, following, parent, following, f"inc.{following}"
         )

@@ -56,10 +56,11 @@ def test_plan_steps() -> None:
         "diff.7",
     )
     offline = plan_step("inc", chain, offline=True, epoch=7)
-    assert (offline.checkpoint, offline.parent, offline.create) == (
+    assert (offline.checkpoint, offline.parent, offline.create, offline.file_tag) == (
         "virtnbdbackup.1",
         "virtnbdbackup.1",
         None,
+        "inc.virtnbdbackup.1.7",
     )
     with pytest.raises(UsageError, match="take a full backup first"):
         plan_step("inc", [], offline=False, epoch=7)
