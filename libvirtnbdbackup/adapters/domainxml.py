@@ -109,3 +109,50 @@ def boot_files(domain_xml: str) -> list[str]:
 def disk_sources(domain_xml: str) -> dict[str, str]:
     """Map of disk target to its source path, for the disks that have one."""
     return {d.target: d.path for d in parse_disks(domain_xml) if d.path}
+
+
+def adjust_config(
+    domain_xml: str,
+    *,
+    name: str,
+    images: dict[str, tuple[str, str]],
+    boot: dict[str, str],
+) -> str:
+    """The domain XML of a backup, made to run from restored images.
+
+    ``images`` maps each restored disk target to its (path, format); every
+    other disk, and cdrom and floppy drives, are dropped. ``boot`` maps
+    original loader/nvram/kernel/initrd paths to their restored copies. The
+    UUID goes, so libvirt assigns a new one and the original domain stays.
+    """
+    root = ET.fromstring(domain_xml)
+    root.find("name").text = name  # type: ignore[union-attr]
+    for tag in ("uuid", "id"):
+        for node in root.findall(tag):
+            root.remove(node)
+    root.attrib.pop("id", None)
+    devices = root.find("devices")
+    for node in list(devices) if devices is not None else []:
+        if node.tag != "disk":
+            continue
+        target = node.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev not in images or node.get("device") in ("cdrom", "floppy"):
+            devices.remove(node)  # type: ignore[union-attr]
+            continue
+        path, fmt = images[dev]
+        node.set("type", "file")
+        for child in list(node):
+            if child.tag in ("source", "backingStore"):
+                node.remove(child)
+        source = ET.Element("source", file=path)
+        node.insert(1, source)
+        driver = node.find("driver")
+        if driver is None:
+            driver = ET.SubElement(node, "driver", name="qemu")
+        driver.set("type", fmt)
+    for tag in ("loader", "nvram", "kernel", "initrd"):
+        elem = root.find(f"./os/{tag}")
+        if elem is not None and elem.text and elem.text.strip() in boot:
+            elem.text = boot[elem.text.strip()]
+    return ET.tostring(root, encoding="unicode")

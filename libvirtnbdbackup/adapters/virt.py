@@ -56,6 +56,12 @@ class Hypervisor:
         v = libvirt.getVersion()
         return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
 
+    def define(self, domain_xml: str) -> None:
+        try:
+            self._conn.defineXML(domain_xml)
+        except libvirt.libvirtError as err:
+            raise DomainError(f"libvirt refused the restored domain: {_message(err)}") from None
+
     def domain(self, name: str) -> Domain:
         try:
             return Domain(self._conn.lookupByName(name))

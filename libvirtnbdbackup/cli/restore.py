@@ -61,6 +61,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE,FILE",
         help="Apply exactly these data files, a full or copy file first.",
     )
+    opt.add_argument(
+        "-c",
+        "--adjust-config",
+        action="store_true",
+        help="Adjust the saved domain XML to the restored images: new name, no UUID, "
+        "disk paths changed, backing stores and left-out disks removed.",
+    )
+    opt.add_argument(
+        "-D",
+        "--define",
+        action="store_true",
+        help="Define the adjusted domain in libvirt (implies -c).",
+    )
+    opt.add_argument(
+        "-N", "--name", default=None, help="Name of the restored domain. (default: restore_NAME)"
+    )
+    opt.add_argument(
+        "-A",
+        "--preallocate",
+        action="store_true",
+        help="Preallocate the metadata of the restored qcow2 images.",
+    )
+    opt.add_argument(
+        "-U",
+        "--uri",
+        default="qemu:///system",
+        help="libvirt connection URI for -D. (default: %(default)s)",
+    )
+    opt.add_argument("--user", default=None, help="User to authenticate to libvirt with.")
+    opt.add_argument("--password", default=None, help="Password to authenticate with.")
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
     add_common_args(parser)
     return parser
@@ -85,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         raw=args.raw,
         progress=not (args.noprogress or args.quiet),
         until=args.until,
+        adjust_config=args.adjust_config,
+        define=args.define,
+        name=args.name,
+        preallocate=args.preallocate,
+        uri=args.uri,
+        user=args.user,
+        password=args.password,
         sequence=[n.strip() for n in args.sequence.split(",") if n.strip()]
         if args.sequence
         else None,

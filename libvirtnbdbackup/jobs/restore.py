@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..adapters import qemu
+from ..adapters.domainxml import adjust_config, boot_files
 from ..adapters.nbdclient import NbdClient
+from ..adapters.virt import Hypervisor
 from ..errors import Interrupted, StreamError, TargetError, VirtnbdError
 from ..format.frames import Kind
 from ..format.reader import StreamReader, file_adler32
@@ -31,6 +35,13 @@ class RestoreOptions:
     disk: str | None = None
     raw: bool = False
     progress: bool = True
+    adjust_config: bool = False  # -c: make the domain XML run from the restored images
+    define: bool = False  # -D: define the adjusted domain in libvirt
+    name: str | None = None  # -N: name of the restored domain
+    preallocate: bool = False
+    uri: str = "qemu:///system"
+    user: str | None = None
+    password: str | None = None
     until: str | None = None  # restore the state of this checkpoint
     sequence: list[str] | None = None  # explicit data file names, base first
 
@@ -59,7 +70,7 @@ class RestoreJob:
         config = self._latest_config(disk_chains)
         names = image_names(self.input, config, list(disk_chains))
         self.output.mkdir(parents=True, exist_ok=True)
-        restored = []
+        restored: dict[str, tuple[str, str]] = {}
         for position, (disk, chain) in enumerate(disk_chains.items()):
             image = self.output / names[disk]
             if chain[0].meta is None:
@@ -67,13 +78,48 @@ class RestoreJob:
                     log.info("skipping raw image %s of disk %s: use --raw", chain[0].name, disk)
                     continue
                 self._restore_raw(chain[0], image)
+                restored[disk] = (str(image.resolve()), "raw")
             else:
                 self._restore_stream(disk, chain, image, position)
-            restored.append(image)
+                restored[disk] = (str(image.resolve()), "qcow2")
         if config is not None:
-            (self.output / config.name).write_bytes(config.read_bytes())
+            ident = next(iter(disk_chains.values()))[-1].ident
+            self._restore_config(config, ident, restored)
+        return [Path(path) for path, _fmt in restored.values()]
+
+    def _restore_config(self, config: Path, ident: str, images: dict[str, tuple[str, str]]) -> None:
+        """Copy the domain XML (adjusted with -c) and the boot files saved with it."""
+        text = config.read_text()
+        boot = {}
+        for path in boot_files(text):
+            base = os.path.basename(path)
+            for saved in (self.input / f"{base}.{ident}", self.input / base):
+                if saved.is_file():
+                    dest = self.output / base
+                    if not dest.exists():
+                        shutil.copyfile(saved, dest)
+                    boot[path] = str(dest.resolve())
+                    log.info("restored boot file %s", dest)
+                    break
+        target = self.output / config.name
+        if not (self.opts.adjust_config or self.opts.define):
+            target.write_text(text)
             log.info("copied domain configuration %s", config.name)
-        return restored
+            return
+        original = ET.fromstring(text).findtext("name") or "domain"
+        name = self.opts.name or f"restore_{original}"
+        adjusted = adjust_config(text, name=name, images=images, boot=boot)
+        target.write_text(adjusted)
+        log.info("adjusted domain configuration written to %s", target)
+        if self.opts.define:
+            hypervisor = Hypervisor(self.opts.uri, self.opts.user, self.opts.password)
+            try:
+                hypervisor.define(adjusted)
+            finally:
+                hypervisor.close()
+            log.info("defined domain %s", name)
+        else:
+            log.info("define it with: virsh define %s", target)
 
     def _sequences(self, files: list[DataFile]) -> dict[str, list[DataFile]]:
         """Per disk, the files to apply in order."""
@@ -117,6 +163,8 @@ class RestoreJob:
             options = qemu.qcow2_create_options(info)
         else:
             log.warning("disk %s: no image information saved; using qemu-img defaults", disk)
+        if self.opts.preallocate:
+            options.append("preallocation=metadata")
         partial = _claim(image)
         started = time.monotonic()
         total = sum(f.meta.data_size for f in chain if f.meta)
