@@ -24,6 +24,7 @@ from ..targets.zipstream import ZipTarget
 from .common import (
     EXIT_ERROR,
     add_common_args,
+    add_connection_args,
     install_signal_handlers,
     run_job,
     setup_logging,
@@ -133,15 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Pause a running domain while the backup job starts. (default: %(default)s)",
     )
-    remote = parser.add_argument_group("Connection options")
-    remote.add_argument(
-        "-U",
-        "--uri",
-        default="qemu:///system",
-        help="libvirt connection URI. (default: %(default)s)",
-    )
-    remote.add_argument("--user", default=None, help="User to authenticate to libvirt with.")
-    remote.add_argument("--password", default=None, help="Password to authenticate with.")
+    add_connection_args(parser)
     debug = parser.add_argument_group("Job control")
     debug.add_argument(
         "-p",

@@ -52,6 +52,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-V", "--version", action="version", version=__version__)
 
 
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Connection options")
+    group.add_argument(
+        "-U",
+        "--uri",
+        default="qemu:///system",
+        help="libvirt connection URI. (default: %(default)s)",
+    )
+    group.add_argument("--user", default=None, help="User to authenticate to libvirt with.")
+    group.add_argument("--password", default=None, help="Password to authenticate with.")
+
+
 def setup_logging(args: argparse.Namespace, log_file: str | None) -> WarningCounter:
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -9,7 +9,13 @@ import threading
 
 from .. import __version__
 from ..jobs.restore import RestoreJob, RestoreOptions, dump_json, verify
-from .common import add_common_args, install_signal_handlers, run_job, setup_logging
+from .common import (
+    add_common_args,
+    add_connection_args,
+    install_signal_handlers,
+    run_job,
+    setup_logging,
+)
 
 log = logging.getLogger("virtnbdrestore")
 
@@ -83,15 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Preallocate the metadata of the restored qcow2 images.",
     )
-    opt.add_argument(
-        "-U",
-        "--uri",
-        default="qemu:///system",
-        help="libvirt connection URI for -D. (default: %(default)s)",
-    )
-    opt.add_argument("--user", default=None, help="User to authenticate to libvirt with.")
-    opt.add_argument("--password", default=None, help="Password to authenticate with.")
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
+    add_connection_args(parser)
     add_common_args(parser)
     return parser
 

@@ -53,6 +53,14 @@ def vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
 
 
 @pytest.fixture()
+def small_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
+    """A running VM with one small qcow2 disk, for tests that change its state."""
+    lab = create_vm(conn, [DiskSpec("vda", 1 * GiB, writes=["write -P 0xab 0 4M"])], cdrom=False)
+    yield lab
+    remove_vm(lab)
+
+
+@pytest.fixture()
 def fresh_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
     """Like ``vm``, for tests that change the VM's state."""
     lab = create_vm(conn, [VDA, VDB, VDC_RAW])

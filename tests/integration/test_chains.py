@@ -21,10 +21,12 @@ from .vmlab import (
     DiskSpec,
     GiB,
     LabVM,
+    backup_ok,
     create_vm,
     hmp_io,
     images_identical,
     remove_vm,
+    restore_image,
     run_tool,
     sh,
 )
@@ -61,15 +63,8 @@ def chain_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
     remove_vm(lab)
 
 
-def backup(vm: LabVM, out: Path, level: str, *args: str) -> None:
-    proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", level, "-o", out, "-n", *args)
-    assert proc.returncode == 0, proc.stderr
-
-
 def restore_and_compare(out: Path, dest: Path, expected: Path, *args: str) -> None:
-    proc = run_tool("virtnbdrestore", "-i", out, "-o", dest, "-n", *args)
-    assert proc.returncode == 0, proc.stderr
-    restored = next(dest.glob("*.qcow2"))
+    restored = restore_image(out, dest, *args)
     assert images_identical(expected, restored), f"{args}: restored image differs"
 
 
@@ -87,17 +82,17 @@ def test_full_incs_and_diff_restore_at_every_point(
         expected[name] = tmp_path / f"expected.{name}.qcow2"
         shutil.copyfile(reference, expected[name])
 
-    backup(vm, out, "full", *compress)
+    backup_ok(vm, out, "full", *compress)
     keep("virtnbdbackup.0")
     for number, step in enumerate(STEPS, start=1):
         for live, offline in step:
             hmp_io(vm, "vda", live)
             sh("qemu-io", "-f", "qcow2", "-c", offline, reference)
         if number < len(STEPS):
-            backup(vm, out, "inc", *compress)
+            backup_ok(vm, out, "inc", *compress)
             keep(f"virtnbdbackup.{number}")
         else:
-            backup(vm, out, "diff", *compress)
+            backup_ok(vm, out, "diff", *compress)
             keep("latest")
 
     names = sorted(p.name for p in out.glob("*.data"))
@@ -158,10 +153,10 @@ def test_full_incs_and_diff_restore_at_every_point(
 def test_auto_takes_full_then_inc(chain_vm: LabVM, tmp_path: Path) -> None:
     vm = chain_vm
     out = tmp_path / "month"
-    backup(vm, out, "auto")
+    backup_ok(vm, out, "auto")
     assert (out / "vda.full.data").is_file()
     hmp_io(vm, "vda", "write -P 0x99 40M 1M")
-    backup(vm, out, "auto")
+    backup_ok(vm, out, "auto")
     assert (out / "vda.inc.virtnbdbackup.1.data").is_file()
     assert read_meta(str(out / "vda.inc.virtnbdbackup.1.data")).data_size == 1024**2
 
@@ -172,7 +167,7 @@ def test_inc_refuses_without_full_or_after_failed_backup(chain_vm: LabVM, tmp_pa
     assert empty.returncode == 1 and "take a full backup first" in empty.stderr
 
     out = tmp_path / "backup"
-    backup(vm, out, "full")
+    backup_ok(vm, out, "full")
     (out / "vda.inc.virtnbdbackup.1.data.partial").write_bytes(b"left over")
     proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", "inc", "-o", out, "-n")
     assert proc.returncode == 1 and "unfinished data files" in proc.stderr

@@ -3,52 +3,28 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
-import pytest
 
 from libvirtnbdbackup.format.reader import read_meta
 
 from .vmlab import (
-    DiskSpec,
-    GiB,
     LabVM,
-    create_vm,
+    backup_ok,
     hmp_io,
     images_identical,
-    remove_vm,
-    run_tool,
+    restore_image,
     sh,
 )
 
 
-@pytest.fixture()
-def off_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
-    lab = create_vm(conn, [DiskSpec("vda", 1 * GiB, writes=["write -P 0xab 0 4M"])], cdrom=False)
-    yield lab
-    remove_vm(lab)
-
-
-def backup(vm: LabVM, out: Path, level: str, *args: str) -> str:
-    proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", level, "-o", out, "-n", *args)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stderr
-
-
-def restore(out: Path, dest: Path, *args: str) -> Path:
-    proc = run_tool("virtnbdrestore", "-i", out, "-o", dest, "-n", *args)
-    assert proc.returncode == 0, proc.stderr
-    return next(dest.glob("*.qcow2"))
-
-
-def test_offline_inc_after_writes_with_the_vm_shut_off(off_vm: LabVM, tmp_path: Path) -> None:
-    vm = off_vm
+def test_offline_inc_after_writes_with_the_vm_shut_off(small_vm: LabVM, tmp_path: Path) -> None:
+    vm = small_vm
     out = tmp_path / "backup"
-    backup(vm, out, "full")
+    backup_ok(vm, out, "full")
     hmp_io(vm, "vda", "write -P 0x11 8M 1M")
-    backup(vm, out, "inc")
+    backup_ok(vm, out, "inc")
     at_inc1 = tmp_path / "at-inc1.qcow2"
     vm.dom.destroy()  # QEMU stores the bitmaps in the image as it quits
     shutil.copyfile(vm.images["vda"], at_inc1)
@@ -63,7 +39,7 @@ def test_offline_inc_after_writes_with_the_vm_shut_off(off_vm: LabVM, tmp_path: 
         "write -P 0x23 600M 64K",
         vm.images["vda"],
     )
-    backup(vm, out, "inc")
+    backup_ok(vm, out, "inc")
     offline = list(out.glob("vda.inc.virtnbdbackup.1.*.data"))
     assert len(offline) == 1, sorted(p.name for p in out.iterdir())
     meta = read_meta(str(offline[0]))
@@ -71,42 +47,44 @@ def test_offline_inc_after_writes_with_the_vm_shut_off(off_vm: LabVM, tmp_path: 
     assert meta.data_size == 2 * 1024**2 + 64 * 1024
     assert vm.checkpoints() == ["virtnbdbackup.0", "virtnbdbackup.1"]
 
-    assert images_identical(vm.images["vda"], restore(out, tmp_path / "latest"))
-    assert images_identical(at_inc1, restore(out, tmp_path / "until", "--until", "virtnbdbackup.1"))
+    assert images_identical(vm.images["vda"], restore_image(out, tmp_path / "latest"))
+    assert images_identical(
+        at_inc1, restore_image(out, tmp_path / "until", "--until", "virtnbdbackup.1")
+    )
 
     # Back online: the next incremental still saves everything since .1.
     vm.dom.create()
     hmp_io(vm, "vda", "write -P 0x33 24M 1M")
-    backup(vm, out, "inc")
+    backup_ok(vm, out, "inc")
     assert (out / "vda.inc.virtnbdbackup.2.data").is_file()
     vm.dom.suspend()
-    assert images_identical(vm.images["vda"], restore(out, tmp_path / "after"))
+    assert images_identical(vm.images["vda"], restore_image(out, tmp_path / "after"))
     vm.dom.resume()
 
 
-def test_offline_full_becomes_copy(off_vm: LabVM, tmp_path: Path) -> None:
-    vm = off_vm
+def test_offline_full_becomes_copy(small_vm: LabVM, tmp_path: Path) -> None:
+    vm = small_vm
     vm.dom.destroy()
     out = tmp_path / "backup"
-    log = backup(vm, out, "full")
+    log = backup_ok(vm, out, "full")
     assert "a full backup becomes a copy" in log
     assert (out / "vda.copy.data").is_file() and not (out / f"{vm.name}.cpt").exists()
     assert vm.state() == libvirt.VIR_DOMAIN_SHUTOFF
-    assert images_identical(vm.images["vda"], restore(out, tmp_path / "restored"))
+    assert images_identical(vm.images["vda"], restore_image(out, tmp_path / "restored"))
 
 
-def test_start_domain_takes_a_full_backup_and_shuts_it_off(off_vm: LabVM, tmp_path: Path) -> None:
-    vm = off_vm
+def test_start_domain_takes_a_full_backup_and_shuts_it_off(small_vm: LabVM, tmp_path: Path) -> None:
+    vm = small_vm
     vm.dom.destroy()
     out = tmp_path / "backup"
-    backup(vm, out, "full", "-S")
+    backup_ok(vm, out, "full", "-S")
     assert (out / "vda.full.data").is_file()
     assert vm.checkpoints() == ["virtnbdbackup.0"]
     assert vm.state() == libvirt.VIR_DOMAIN_SHUTOFF
-    assert images_identical(vm.images["vda"], restore(out, tmp_path / "restored"))
+    assert images_identical(vm.images["vda"], restore_image(out, tmp_path / "restored"))
 
 
-def test_pause_resumes_the_domain(off_vm: LabVM, tmp_path: Path) -> None:
-    vm = off_vm
-    backup(vm, tmp_path / "backup", "copy", "--pause")
+def test_pause_resumes_the_domain(small_vm: LabVM, tmp_path: Path) -> None:
+    vm = small_vm
+    backup_ok(vm, tmp_path / "backup", "copy", "--pause")
     assert vm.state() == libvirt.VIR_DOMAIN_RUNNING

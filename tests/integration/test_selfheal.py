@@ -3,42 +3,21 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import libvirt
-import pytest
-
 from .vmlab import (
-    DiskSpec,
-    GiB,
     LabVM,
-    create_vm,
+    backup_ok,
     hmp_io,
     images_identical,
-    remove_vm,
+    restore_image,
     run_tool,
     sh,
 )
 
 
-@pytest.fixture()
-def heal_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
-    lab = create_vm(conn, [DiskSpec("vda", 1 * GiB, writes=["write -P 0xab 0 4M"])], cdrom=False)
-    yield lab
-    remove_vm(lab)
-
-
-def backup(vm: LabVM, out: Path, level: str, *args: str) -> str:
-    proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", level, "-o", out, "-n", *args)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stderr
-
-
 def restored_equals(vm: LabVM, folder: Path, dest: Path) -> bool:
-    proc = run_tool("virtnbdrestore", "-i", folder, "-o", dest, "-n")
-    assert proc.returncode == 0, proc.stderr
-    return images_identical(vm.images["vda"], dest / vm.images["vda"].name)
+    return images_identical(vm.images["vda"], restore_image(folder, dest))
 
 
 def snapshot(vm: LabVM, dest: Path) -> Path:
@@ -51,18 +30,18 @@ def snapshot(vm: LabVM, dest: Path) -> Path:
     return dest
 
 
-def test_lost_checkpoints_are_redefined(heal_vm: LabVM, tmp_path: Path) -> None:
-    vm = heal_vm
+def test_lost_checkpoints_are_redefined(small_vm: LabVM, tmp_path: Path) -> None:
+    vm = small_vm
     out = tmp_path / "backup"
-    backup(vm, out, "full")
+    backup_ok(vm, out, "full")
     hmp_io(vm, "vda", "write -P 0x11 8M 1M")
-    backup(vm, out, "inc")
+    backup_ok(vm, out, "inc")
     for name in ("virtnbdbackup.1", "virtnbdbackup.0"):
         sh("virsh", "checkpoint-delete", vm.name, name, "--metadata")
     assert vm.checkpoints() == []
 
     hmp_io(vm, "vda", "write -P 0x22 9M 1M")
-    log = backup(vm, out, "inc")
+    log = backup_ok(vm, out, "inc")
     assert "checkpoint virtnbdbackup.0 was missing in libvirt: redefined" in log
     assert "checkpoint virtnbdbackup.1 was missing in libvirt: redefined" in log
     assert (out / "vda.inc.virtnbdbackup.2.data").is_file()
@@ -72,15 +51,15 @@ def test_lost_checkpoints_are_redefined(heal_vm: LabVM, tmp_path: Path) -> None:
     vm.dom.resume()
 
 
-def test_vm_destroyed_and_started_again_keeps_the_chain(heal_vm: LabVM, tmp_path: Path) -> None:
-    vm = heal_vm
+def test_vm_destroyed_and_started_again_keeps_the_chain(small_vm: LabVM, tmp_path: Path) -> None:
+    vm = small_vm
     out = tmp_path / "backup"
-    backup(vm, out, "full")
+    backup_ok(vm, out, "full")
     hmp_io(vm, "vda", "write -P 0x33 20M 2M")
     vm.dom.destroy()
     vm.dom.create()
     hmp_io(vm, "vda", "write -P 0x34 30M 1M")
-    log = backup(vm, out, "inc")
+    log = backup_ok(vm, out, "inc")
     assert "WARNING" not in log
     inc = out / "vda.inc.virtnbdbackup.1.data"
     assert inc.is_file() and inc.stat().st_size < 4 * 1024**2
@@ -89,12 +68,12 @@ def test_vm_destroyed_and_started_again_keeps_the_chain(heal_vm: LabVM, tmp_path
     vm.dom.resume()
 
 
-def test_missing_bitmap_starts_a_new_chain(heal_vm: LabVM, tmp_path: Path) -> None:
-    vm = heal_vm
+def test_missing_bitmap_starts_a_new_chain(small_vm: LabVM, tmp_path: Path) -> None:
+    vm = small_vm
     out = tmp_path / "backup"
-    backup(vm, out, "full")
+    backup_ok(vm, out, "full")
     hmp_io(vm, "vda", "write -P 0x44 40M 1M")
-    backup(vm, out, "inc")
+    backup_ok(vm, out, "inc")
     before = snapshot(vm, tmp_path / "before.qcow2")
 
     vm.dom.destroy()  # the bitmap disappears from the image, libvirt still lists it
@@ -119,23 +98,23 @@ def test_missing_bitmap_starts_a_new_chain(heal_vm: LabVM, tmp_path: Path) -> No
     assert images_identical(before, tmp_path / "old-chain" / vm.images["vda"].name)
 
     hmp_io(vm, "vda", "write -P 0x46 60M 1M")
-    backup(vm, out, "inc")  # the new chain goes on
+    backup_ok(vm, out, "inc")  # the new chain goes on
     assert (out / "vda.inc.virtnbdbackup.1.data").is_file()
 
 
-def test_printonly_and_threshold(heal_vm: LabVM, tmp_path: Path) -> None:
-    vm = heal_vm
+def test_printonly_and_threshold(small_vm: LabVM, tmp_path: Path) -> None:
+    vm = small_vm
     out = tmp_path / "backup"
-    backup(vm, out, "full")
+    backup_ok(vm, out, "full")
     hmp_io(vm, "vda", "write -P 0x55 70M 2M")
     proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", "inc", "-o", out, "-p", "-n")
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip()) >= 2 * 1024**2
     assert not list(out.glob("*.inc.*.data"))
 
-    log = backup(vm, out, "inc", "-T", str(64 * 1024**2))
+    log = backup_ok(vm, out, "inc", "-T", str(64 * 1024**2))
     assert "skipping the inc backup" in log and not list(out.glob("*.inc.*.data"))
     assert vm.checkpoints() == ["virtnbdbackup.0"]
-    backup(vm, out, "inc", "-T", str(1024**2))
+    backup_ok(vm, out, "inc", "-T", str(1024**2))
     assert (out / "vda.inc.virtnbdbackup.1.data").is_file()
     shutil.rmtree(out)

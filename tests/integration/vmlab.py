@@ -84,6 +84,20 @@ def run_tool(
     )
 
 
+def backup_ok(vm: LabVM, out: Path, level: str, *args: str) -> str:
+    """A backup that must succeed; its log."""
+    proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", level, "-o", out, "-n", *args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def restore_image(out: Path, dest: Path, *args: str) -> Path:
+    """A restore that must succeed; the (one) qcow2 image it made."""
+    proc = run_tool("virtnbdrestore", "-i", out, "-o", dest, "-n", *args)
+    assert proc.returncode == 0, proc.stderr
+    return next(dest.glob("*.qcow2"))
+
+
 def ensure_libvirtd() -> libvirt.virConnect:
     sh(REPO / "scripts" / "start-libvirtd.sh")
     return libvirt.open("qemu:///system")
