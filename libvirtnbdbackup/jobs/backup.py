@@ -211,6 +211,7 @@ class BackupJob:
                     "a full backup starts a chain of dirty bitmaps, which raw images cannot "
                     "hold; back up raw-only domains with -l copy"
                 )
+            self._check_bitmap_support(bitmap_disks)
             self._remove_checkpoints(domain)
         if step.since:
             log.info("saving the changes since checkpoint %s", step.since)
@@ -252,6 +253,25 @@ class BackupJob:
             raise
         self._stop_job(domain)
         return results
+
+    @staticmethod
+    def _check_bitmap_support(disks: list[Disk]) -> None:
+        """qcow2 v2 (compat 0.10) images cannot store dirty bitmaps."""
+        for disk in disks:
+            if not disk.is_local_image or disk.path is None:
+                continue
+            try:
+                info = qemu.image_info(disk.path)
+            except QemuToolError as err:
+                log.warning("disk %s: image format not checked: %s", disk.target, err)
+                continue
+            if info.get("format-specific", {}).get("data", {}).get("compat") == "0.10":
+                raise UsageError(
+                    f"disk {disk.target} is a qcow2 v2 image ({disk.path}), which cannot store "
+                    "the dirty bitmaps of full and incremental backups: back it up with -l copy, "
+                    "or upgrade it while the domain is shut off with: "
+                    f"qemu-img amend -f qcow2 -o compat=1.1 {disk.path}"
+                )
 
     def _chain_problem(self, domain: Domain, chain: list[str]) -> str | None:
         """Why an incremental backup on this chain would be wrong, or None.

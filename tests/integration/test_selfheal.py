@@ -5,11 +5,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import libvirt
+
+from libvirtnbdbackup.format.reader import read_meta
+
 from .vmlab import (
+    DiskSpec,
+    GiB,
     LabVM,
     backup_ok,
+    create_vm,
     hmp_io,
     images_identical,
+    remove_vm,
     restore_image,
     run_tool,
     sh,
@@ -118,3 +126,37 @@ def test_printonly_and_threshold(small_vm: LabVM, tmp_path: Path) -> None:
     backup_ok(vm, out, "inc", "-T", str(1024**2))
     assert (out / "vda.inc.virtnbdbackup.1.data").is_file()
     shutil.rmtree(out)
+
+
+def test_qcow2_v2_image_gets_a_clear_message(conn: libvirt.virConnect, tmp_path: Path) -> None:
+    vm = create_vm(
+        conn,
+        [DiskSpec("vda", GiB, options="compat=0.10", writes=["write -P 0x61 0 1M"])],
+        cdrom=False,
+    )
+    try:
+        proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", "full", "-o", tmp_path / "f", "-n")
+        assert proc.returncode == 1
+        assert "qcow2 v2 image" in proc.stderr and "-l copy" in proc.stderr
+        assert vm.checkpoints() == []
+        backup_ok(vm, tmp_path / "copy", "copy")
+        assert images_identical(vm.images["vda"], restore_image(tmp_path / "copy", tmp_path / "r"))
+    finally:
+        remove_vm(vm)
+
+
+def test_without_sparse_detection_trimmed_blocks_are_saved_as_data(
+    small_vm: LabVM, tmp_path: Path
+) -> None:
+    vm = small_vm
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    backup_ok(vm, sparse, "full")
+    backup_ok(vm, dense, "full")  # a new chain for the second folder
+    hmp_io(vm, "vda", "write -P 0x71 64M 2M")
+    hmp_io(vm, "vda", "discard 64M 1M")
+    backup_ok(vm, dense, "inc", "--no-sparse-detection")
+    meta = read_meta(str(dense / "vda.inc.virtnbdbackup.1.data"))
+    assert meta.data_size == 2 * 1024**2  # the trimmed half is read and saved too
+    vm.dom.suspend()
+    assert images_identical(vm.images["vda"], restore_image(dense, tmp_path / "r"))
+    vm.dom.resume()

@@ -38,6 +38,7 @@ class DiskSpec:
     size: int
     fmt: str = "qcow2"
     writes: list[str] = field(default_factory=list)  # qemu-io commands
+    options: str = ""  # qemu-img create -o
     random_mib: int = 0  # leading MiB of incompressible data
 
 
@@ -141,7 +142,8 @@ def make_image(path: Path, spec: DiskSpec) -> None:
         sh("qemu-img", "convert", "-f", "raw", "-O", spec.fmt, raw, path)
         raw.unlink()
     else:
-        sh("qemu-img", "create", "-q", "-f", spec.fmt, path, str(spec.size))
+        opts = ["-o", spec.options] if spec.options else []
+        sh("qemu-img", "create", "-q", "-f", spec.fmt, *opts, path, str(spec.size))
     if spec.writes:
         args = []
         for command in spec.writes:
