@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from ..adapters import qemu
 from ..adapters.domainxml import Disk, boot_files, parse_disks, select_disks
@@ -126,6 +127,17 @@ def check_output_folder(opts: BackupOptions) -> None:
             f"{folder} holds no full backup to build on ({opts.cpt_file.name} is missing); "
             "take a full backup first"
         )
+
+
+def local_image_infos(disks: list[Disk], unavailable: str) -> Iterator[tuple[Disk, dict[str, Any]]]:
+    """``qemu-img info`` of each disk with a local image; a failure is a warning."""
+    for disk in disks:
+        if not disk.is_local_image or disk.path is None:
+            continue
+        try:
+            yield disk, qemu.image_info(disk.path)
+        except QemuToolError as err:
+            log.warning("disk %s: %s: %s", disk.target, unavailable, err)
 
 
 @dataclass(frozen=True)
@@ -257,14 +269,7 @@ class BackupJob:
     @staticmethod
     def _check_bitmap_support(disks: list[Disk]) -> None:
         """qcow2 v2 (compat 0.10) images cannot store dirty bitmaps."""
-        for disk in disks:
-            if not disk.is_local_image or disk.path is None:
-                continue
-            try:
-                info = qemu.image_info(disk.path)
-            except QemuToolError as err:
-                log.warning("disk %s: image format not checked: %s", disk.target, err)
-                continue
+        for disk, info in local_image_infos(disks, "image format not checked"):
             if info.get("format-specific", {}).get("data", {}).get("compat") == "0.10":
                 raise UsageError(
                     f"disk {disk.target} is a qcow2 v2 image ({disk.path}), which cannot store "
@@ -492,14 +497,7 @@ class BackupJob:
     ) -> None:
         ident = step.ident
         self.target.write_file(f"vmconfig.{ident}.xml", domain_xml.encode())
-        for disk in disks:
-            if not disk.is_local_image or disk.path is None:
-                continue
-            try:
-                info = qemu.image_info(disk.path)
-            except QemuToolError as err:
-                log.warning("disk %s: image options not saved: %s", disk.target, err)
-                continue
+        for disk, info in local_image_infos(disks, "image options not saved"):
             self.target.write_file(
                 f"{disk.target}.{ident}.qcow.json", json.dumps(info, indent=4).encode()
             )
