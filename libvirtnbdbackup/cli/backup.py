@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .. import __version__
+from ..adapters.domainxml import split_names
 from ..errors import UsageError, VirtnbdError
 from ..jobs.backup import (
     BackupJob,
@@ -162,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from(args: argparse.Namespace) -> BackupOptions:
-    from ..adapters.domainxml import split_names
-
     if args.worker is not None and args.worker < 1:
         raise UsageError("--worker needs a number of at least 1")
     if args.compress is not None and not 0 <= args.compress <= 16:

@@ -169,7 +169,7 @@ def load_json(path: Path) -> Any:
         return None
 
 
-def image_names(folder: Path, config: Path | None, disks: list[str]) -> dict[str, str]:
+def image_names(config: Path | None, disks: list[str]) -> dict[str, str]:
     """File name of each restored disk: the source image's name when known."""
     sources: dict[str, str] = {}
     if config is not None and config.is_file():

@@ -68,7 +68,7 @@ class RestoreJob:
             )
         disk_chains = self._sequences(files)
         config = self._latest_config(disk_chains)
-        names = image_names(self.input, config, list(disk_chains))
+        names = image_names(config, list(disk_chains))
         self.output.mkdir(parents=True, exist_ok=True)
         restored: dict[str, tuple[str, str]] = {}
         for position, (disk, chain) in enumerate(disk_chains.items()):
@@ -83,12 +83,12 @@ class RestoreJob:
                 self._restore_stream(disk, chain, image, position)
                 restored[disk] = (str(image.resolve()), "qcow2")
         if config is not None:
-            ident = next(iter(disk_chains.values()))[-1].ident
-            self._restore_config(config, ident, restored)
+            self._restore_config(config, restored)
         return [Path(path) for path, _fmt in restored.values()]
 
-    def _restore_config(self, config: Path, ident: str, images: dict[str, tuple[str, str]]) -> None:
+    def _restore_config(self, config: Path, images: dict[str, tuple[str, str]]) -> None:
         """Copy the domain XML (adjusted with -c) and the boot files saved with it."""
+        ident = config.name.removeprefix("vmconfig.").removesuffix(".xml")
         text = config.read_text()
         boot = {}
         for path in boot_files(text):
