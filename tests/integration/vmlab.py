@@ -20,8 +20,10 @@ import libvirt
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-LAB_DIR = Path("/var/lib/libvirt/images/virtnbdbackup-tests")
-NAME_PREFIX = "vnbt-"
+# VNBT_LAB lets several checkouts run their suites side by side on one host.
+_LAB = os.environ.get("VNBT_LAB", "")
+LAB_DIR = Path("/var/lib/libvirt/images/virtnbdbackup-tests" + (f"-{_LAB}" if _LAB else ""))
+NAME_PREFIX = f"vnbt{_LAB}-"
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
