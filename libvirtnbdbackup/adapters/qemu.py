@@ -72,6 +72,14 @@ def convert_raw(source: str, dest: str) -> None:
     run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "raw", source, dest], f"copy {source}")
 
 
+def convert_compressed(source: str, dest: str, options: list[str]) -> None:
+    """Copy a qcow2 image into a new one whose clusters are compressed."""
+    cmd = ["qemu-img", "convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2"]
+    if options:
+        cmd += ["-o", ",".join(options)]
+    run([*cmd, source, dest], f"compress {source}")
+
+
 def image_bitmaps(info: dict[str, Any]) -> dict[str, list[str]]:
     """Persistent bitmaps of a qcow2 image (from ``image_info``) and their flags."""
     bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Preallocate the metadata of the restored qcow2 images.",
     )
+    opt.add_argument(
+        "--compress",
+        action="store_true",
+        help="Write the restored qcow2 images with compressed clusters (slower; needs room "
+        "for an uncompressed working copy while it runs).",
+    )
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
     add_connection_args(parser)
     add_common_args(parser)
@@ -96,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compress and args.preallocate:
+        parser.error("--compress and -A/--preallocate exclude each other")
     counter = setup_logging(args, None)
     cancel = threading.Event()
     install_signal_handlers(cancel)
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         define=args.define,
         name=args.name,
         preallocate=args.preallocate,
+        compress=args.compress,
         uri=args.uri,
         user=args.user,
         password=args.password,

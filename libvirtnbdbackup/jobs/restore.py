@@ -39,6 +39,7 @@ class RestoreOptions:
     define: bool = False  # -D: define the adjusted domain in libvirt
     name: str | None = None  # -N: name of the restored domain
     preallocate: bool = False
+    compress: bool = False  # compressed qcow2 clusters, through an uncompressed working copy
     uri: str = "qemu:///system"
     user: str | None = None
     password: str | None = None
@@ -166,12 +167,16 @@ class RestoreJob:
         if self.opts.preallocate:
             options.append("preallocation=metadata")
         partial = _claim(image)
+        # QEMU writes a compressed cluster only once, but a chain overwrites clusters:
+        # replay into a plain working copy, then let qemu-img compress it.
+        work = image.with_name(image.name + ".uncompressed" + PARTIAL_SUFFIX)
+        replay_into = work if self.opts.compress else partial
         started = time.monotonic()
         total = sum(f.meta.data_size for f in chain if f.meta)
         try:
-            qemu.create_image(str(partial), base.meta.virtual_size, "qcow2", options)
+            qemu.create_image(str(replay_into), base.meta.virtual_size, "qcow2", options)
             with (
-                qemu.nbd_server(str(partial)) as socket,
+                qemu.nbd_server(str(replay_into)) as socket,
                 tqdm(
                     total=total,
                     unit="B",
@@ -193,10 +198,15 @@ class RestoreJob:
                     client.flush()
                 finally:
                     client.close()
+            if self.opts.compress:
+                log.info("disk %s: compressing the restored image", disk)
+                qemu.convert_compressed(str(work), str(partial), options)
             _finish(partial, image)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
+        finally:
+            work.unlink(missing_ok=True)
         seconds = time.monotonic() - started
         log.info(
             "disk %s: restored %s (%.1f MiB of data in %.2f s, %.1f MiB/s)",

@@ -123,6 +123,12 @@ def test_full_incs_and_diff_restore_at_every_point(
     for name in ("virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2", "virtnbdbackup.3"):
         restore_and_compare(out, tmp_path / f"until-{name}", expected[name], "--until", name)
     restore_and_compare(out, tmp_path / "latest", expected["latest"])
+    if compress:  # and into an image of compressed clusters
+        packed = restore_image(out, tmp_path / "packed", "--compress")
+        assert images_identical(expected["latest"], packed)
+        check = json.loads(sh("qemu-img", "check", "--output=json", packed).stdout)
+        assert check["compressed-clusters"] > 0
+        assert not list((tmp_path / "packed").glob("*.partial"))
     restore_and_compare(
         out, tmp_path / "until-diff", expected["latest"], "--until", "virtnbdbackup.4"
     )
