@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from typing import Any
@@ -130,6 +131,26 @@ class Domain:
             flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
         self._call("redefine a checkpoint", self._dom.checkpointCreateXML, xml, flags)
 
+    def remove_orphan_bitmap(
+        self, name: str, disks: list[Disk], all_disks: list[Disk]
+    ) -> list[str]:
+        """Remove bitmap ``name`` that QEMU holds without a libvirt checkpoint.
+
+        libvirt only removes bitmaps through checkpoints: each disk gets a
+        checkpoint redefined (validated, so only disks that hold the bitmap),
+        which is then deleted with its bitmap. Returns the disks cleaned.
+        """
+        cleaned = []
+        for disk in disks:
+            xml = checkpoint_xml(name, [disk], all_disks, created=int(time.time()))
+            try:
+                self.redefine_checkpoint(xml)
+            except DomainError:
+                continue  # this disk has no such bitmap
+            self.delete_checkpoint(name)
+            cleaned.append(disk.target)
+        return cleaned
+
     def checkpoint_sizes(self, name: str) -> dict[str, int]:
         """Bytes changed since checkpoint ``name``, per disk with a bitmap.
 
@@ -203,9 +224,14 @@ def backup_xml(
     return ET.tostring(root, encoding="unicode")
 
 
-def checkpoint_xml(name: str, bitmap_disks: list[Disk], all_disks: list[Disk]) -> str:
+def checkpoint_xml(
+    name: str, bitmap_disks: list[Disk], all_disks: list[Disk], created: int | None = None
+) -> str:
+    """A new checkpoint; with ``created`` (epoch), the minimal XML libvirt redefines."""
     root = ET.Element("domaincheckpoint")
     ET.SubElement(root, "name").text = name
+    if created is not None:
+        ET.SubElement(root, "creationTime").text = str(created)
     disks = ET.SubElement(root, "disks")
     chosen = {d.target for d in bitmap_disks}
     for disk in all_disks:

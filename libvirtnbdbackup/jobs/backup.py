@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -156,6 +157,7 @@ class BackupJob:
         self.opts = opts
         self.target = target
         self.cancel = cancel
+        self._healed: set[str] = set()  # orphan bitmaps removed in this run
         self.pid = os.getpid()
 
     @property
@@ -249,6 +251,19 @@ class BackupJob:
                 if self.opts.pause:
                     domain.resume()
         except DomainError as err:
+            orphan = _existing_bitmap(str(err))
+            if orphan and orphan == step.create and orphan not in self._healed:
+                # libvirt lost the checkpoint but QEMU kept its bitmap: the name
+                # is ours and a new checkpoint of that name replaces it anyway.
+                self._healed.add(orphan)
+                cleaned = domain.remove_orphan_bitmap(orphan, bitmap_disks, all_disks)
+                log.warning(
+                    "bitmap %s was left in disk(s) %s without a libvirt checkpoint (libvirt "
+                    "lost its checkpoint metadata): removed it",
+                    orphan,
+                    ", ".join(cleaned) or "(none found)",
+                )
+                return self._run(domain, level)
             # QEMU checks each bitmap as the job starts: one left inconsistent
             # by a crash is refused here, before any data has moved.
             if step.since is None or "bitmap" not in str(err):
@@ -547,6 +562,14 @@ class BackupJob:
                 log.info("removed checkpoint %s of the failed backup", checkpoint)
         except DomainError as err:
             log.warning("%s", err)
+
+
+def _existing_bitmap(message: str) -> str | None:
+    """The name in QEMU's "Bitmap already exists: NAME" refusal, if it is one of ours."""
+    match = re.search(r"Bitmap already exists: (\S+)", message)
+    if match and match.group(1).startswith(f"{CHECKPOINT_PREFIX}."):
+        return match.group(1)
+    return None
 
 
 def kill_backup_job(opts: BackupOptions) -> None:

@@ -70,6 +70,25 @@ class RestoreJob:
         disk_chains = self._sequences(files)
         config = self._latest_config(disk_chains)
         names = image_names(config, list(disk_chains))
+        # -D needs libvirt: fail before any image is written, not after.
+        hypervisor = (
+            Hypervisor(self.opts.uri, self.opts.user, self.opts.password)
+            if self.opts.define
+            else None
+        )
+        try:
+            return self._restore(disk_chains, config, names, hypervisor)
+        finally:
+            if hypervisor is not None:
+                hypervisor.close()
+
+    def _restore(
+        self,
+        disk_chains: dict[str, list[DataFile]],
+        config: Path | None,
+        names: dict[str, str],
+        hypervisor: Hypervisor | None,
+    ) -> list[Path]:
         self.output.mkdir(parents=True, exist_ok=True)
         restored: dict[str, tuple[str, str]] = {}
         for position, (disk, chain) in enumerate(disk_chains.items()):
@@ -84,10 +103,17 @@ class RestoreJob:
                 self._restore_stream(disk, chain, image, position)
                 restored[disk] = (str(image.resolve()), "qcow2")
         if config is not None:
-            self._restore_config(config, restored)
+            self._restore_config(config, restored, hypervisor)
+        elif hypervisor is not None:
+            raise TargetError(f"{self.input} holds no domain XML (vmconfig.*.xml) to define")
         return [Path(path) for path, _fmt in restored.values()]
 
-    def _restore_config(self, config: Path, images: dict[str, tuple[str, str]]) -> None:
+    def _restore_config(
+        self,
+        config: Path,
+        images: dict[str, tuple[str, str]],
+        hypervisor: Hypervisor | None,
+    ) -> None:
         """Copy the domain XML (adjusted with -c) and the boot files saved with it."""
         ident = config.name.removeprefix("vmconfig.").removesuffix(".xml")
         text = config.read_text()
@@ -112,12 +138,8 @@ class RestoreJob:
         adjusted = adjust_config(text, name=name, images=images, boot=boot)
         target.write_text(adjusted)
         log.info("adjusted domain configuration written to %s", target)
-        if self.opts.define:
-            hypervisor = Hypervisor(self.opts.uri, self.opts.user, self.opts.password)
-            try:
-                hypervisor.define(adjusted)
-            finally:
-                hypervisor.close()
+        if hypervisor is not None:
+            hypervisor.define(adjusted)
             log.info("defined domain %s", name)
         else:
             log.info("define it with: virsh define %s", target)

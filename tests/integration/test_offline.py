@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import libvirt
@@ -88,3 +89,41 @@ def test_pause_resumes_the_domain(small_vm: LabVM, tmp_path: Path) -> None:
     vm = small_vm
     backup_ok(vm, tmp_path / "backup", "copy", "--pause")
     assert vm.state() == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_offline_diffs_hold_every_change_since_the_last_inc(
+    small_vm: LabVM, tmp_path: Path
+) -> None:
+    vm = small_vm
+    out = tmp_path / "backup"
+    backup_ok(vm, out, "full")
+    hmp_io(vm, "vda", "write -P 0x11 8M 1M")
+    backup_ok(vm, out, "inc")
+    vm.dom.destroy()
+
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 16M 2M", vm.images["vda"])
+    backup_ok(vm, out, "diff")
+    first = tmp_path / "at-diff1.qcow2"
+    shutil.copyfile(vm.images["vda"], first)
+    time.sleep(1)  # diff files are named by their epoch second
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 700M 1M", vm.images["vda"])
+    backup_ok(vm, out, "diff")
+
+    diffs = sorted(out.glob("vda.diff.*.data"))
+    assert len(diffs) == 2, sorted(p.name for p in out.iterdir())
+    sizes = [read_meta(str(d)).data_size for d in diffs]
+    assert sizes == [2 * 1024**2, 3 * 1024**2]  # the second one repeats the first one's change
+    assert all(read_meta(str(d)).parent_checkpoint == "virtnbdbackup.1" for d in diffs)
+    assert vm.checkpoints() == ["virtnbdbackup.0", "virtnbdbackup.1"]
+    assert vm.state() == libvirt.VIR_DOMAIN_SHUTOFF
+
+    assert images_identical(vm.images["vda"], restore_image(out, tmp_path / "latest"))
+    assert images_identical(
+        first,
+        restore_image(
+            out,
+            tmp_path / "first",
+            "--sequence",
+            f"vda.full.data,vda.inc.virtnbdbackup.1.data,{diffs[0].name}",
+        ),
+    )

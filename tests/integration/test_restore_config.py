@@ -44,8 +44,13 @@ def test_adjust_config_without_define_writes_the_xml_only(vm: LabVM, tmp_path: P
     out, restored = tmp_path / "backup", tmp_path / "restored"
     proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", "copy", "-i", "vdb", "-o", out, "-n")
     assert proc.returncode == 0, proc.stderr
-    proc = run_tool("virtnbdrestore", "-i", out, "-o", restored, "-n", "-c")
+    # No libvirtd is needed for that: the URI leads nowhere.
+    nowhere = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    proc = run_tool("virtnbdrestore", "-i", out, "-o", restored, "-n", "-c", "-U", nowhere)
     assert proc.returncode == 0, proc.stderr
+    failed = run_tool("virtnbdrestore", "-i", out, "-o", tmp_path / "d", "-n", "-D", "-U", nowhere)
+    assert failed.returncode == 1 and "/nonexistent/libvirt-sock" in failed.stderr
+    assert not (tmp_path / "d").exists(), "-D checks libvirt before restoring anything"
     xml = (restored / "vmconfig.copy.xml").read_text()
     assert f"<name>restore_{vm.name}</name>" in xml and "<uuid>" not in xml
     assert [d.target for d in parse_disks(xml)] == ["vdb"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import libvirt
 
+from libvirtnbdbackup.adapters import qemu
 from libvirtnbdbackup.format.reader import read_meta
 
 from .vmlab import (
@@ -159,4 +163,60 @@ def test_without_sparse_detection_trimmed_blocks_are_saved_as_data(
     assert meta.data_size == 2 * 1024**2  # the trimmed half is read and saved too
     vm.dom.suspend()
     assert images_identical(vm.images["vda"], restore_image(dense, tmp_path / "r"))
+    vm.dom.resume()
+
+
+def test_crashed_qemu_leaves_an_in_use_bitmap_and_a_new_chain_starts(
+    small_vm: LabVM, tmp_path: Path
+) -> None:
+    vm = small_vm
+    out = tmp_path / "backup"
+    backup_ok(vm, out, "full")
+    hmp_io(vm, "vda", "write -P 0x81 40M 1M")
+    backup_ok(vm, out, "inc")
+    vm.dom.destroy()  # QEMU stores the bitmaps in the image, and flags them in use on start
+    vm.dom.create()
+    hmp_io(vm, "vda", "write -P 0x82 41M 1M")
+
+    pid = int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text())
+    os.kill(pid, signal.SIGKILL)  # QEMU cannot store its bitmaps: they stay "in-use"
+    for _ in range(100):
+        if vm.state() == libvirt.VIR_DOMAIN_SHUTOFF:
+            break
+        time.sleep(0.1)
+    assert vm.state() == libvirt.VIR_DOMAIN_SHUTOFF
+    bitmaps = qemu.image_bitmaps(qemu.image_info(str(vm.images["vda"])))
+    assert "in-use" in bitmaps["virtnbdbackup.1"], bitmaps
+    vm.dom.create()
+    hmp_io(vm, "vda", "write -P 0x83 42M 1M")
+
+    proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", "inc", "-o", out, "-n", "--strict")
+    assert proc.returncode == 2, proc.stderr
+    assert "a full backup starts a new chain" in proc.stderr
+    assert len(list(out.glob("chain.*"))) == 1
+    assert vm.checkpoints() == ["virtnbdbackup.0"]
+    vm.dom.suspend()
+    assert restored_equals(vm, out, tmp_path / "restored")
+    vm.dom.resume()
+
+
+def test_bitmaps_left_without_checkpoints_are_removed_for_a_new_chain(
+    small_vm: LabVM, tmp_path: Path
+) -> None:
+    vm = small_vm
+    old, new = tmp_path / "old", tmp_path / "new"
+    backup_ok(vm, old, "full")
+    hmp_io(vm, "vda", "write -P 0x91 8M 1M")
+    backup_ok(vm, old, "inc")
+    for name in ("virtnbdbackup.1", "virtnbdbackup.0"):  # libvirt forgets, QEMU keeps bitmaps
+        sh("virsh", "checkpoint-delete", vm.name, name, "--metadata")
+
+    log = backup_ok(vm, new, "full")  # a new folder: no saved checkpoint XML to redefine
+    assert "bitmap virtnbdbackup.0 was left in disk(s) vda without a libvirt checkpoint" in log
+    hmp_io(vm, "vda", "write -P 0x92 9M 1M")
+    log = backup_ok(vm, new, "inc")
+    assert "bitmap virtnbdbackup.1 was left in disk(s) vda" in log
+    assert vm.checkpoints() == ["virtnbdbackup.0", "virtnbdbackup.1"]
+    vm.dom.suspend()
+    assert restored_equals(vm, new, tmp_path / "restored")
     vm.dom.resume()
