@@ -25,4 +25,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 scripts/start-libvirtd.sh
-venv/create.sh
+venv/create.sh --dev

@@ -1,0 +1,323 @@
+"""Manual pages of the commands, built from their argument parsers.
+
+Every console script in ``pyproject.toml`` gets ``man/<command>.1``; its
+module must have a ``build_parser()`` that returns the command's parser.
+argparse-manpage formats the options; this module adds the sections a
+parser does not hold (exit status, files, examples, see also).
+
+Regenerate after changing an option::
+
+    scripts/gen-man.sh                     # or: python -m libvirtnbdbackup.cli.manpages
+    python -m libvirtnbdbackup.cli.manpages --check     # exit 1 when man/ is stale
+
+The date in a page's header changes only when the rest of the page does,
+so regenerating an unchanged page leaves the file as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import importlib
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import tomllib
+from argparse_manpage.manpage import Manpage
+
+from .common import EXIT_ERROR, EXIT_OK, EXIT_WARNINGS
+
+REPO = Path(__file__).resolve().parents[2]
+MAN_DIR = REPO / "man"
+SECTION = "1"
+# Help texts are laid out at a fixed width so that the page source does not
+# depend on the terminal the generator runs in (roff refills them anyway).
+SOURCE_WIDTH = 80
+REGENERATE = "scripts/gen-man.sh"
+
+# .TH title section date source manual
+HEADER = re.compile(r'^\.TH (\S+) "([^"]*)" "([^"]*)" (.*)$')
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str  # the module whose build_parser() builds the command's parser
+
+    @property
+    def page_name(self) -> str:
+        return f"{self.name}.{SECTION}"
+
+
+@dataclass(frozen=True)
+class Project:
+    version: str
+    commands: tuple[Command, ...]
+
+
+def read_project(pyproject: Path = REPO / "pyproject.toml") -> Project:
+    """The version and the console scripts (the registry of commands)."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    commands = tuple(
+        Command(name, target.split(":", 1)[0])
+        for name, target in sorted(project.get("scripts", {}).items())
+    )
+    return Project(project["version"], commands)
+
+
+def build_parser(command: Command) -> argparse.ArgumentParser:
+    builder = getattr(importlib.import_module(command.module), "build_parser", None)
+    if builder is None:
+        raise SystemExit(
+            f"{command.module} has no build_parser(): the man page of {command.name} "
+            "is built from the parser that function returns"
+        )
+    parser: argparse.ArgumentParser = builder()
+    formatter = cast(type[argparse.HelpFormatter], parser.formatter_class)
+    parser.formatter_class = functools.partial(formatter, width=SOURCE_WIDTH)
+    return parser
+
+
+def escape(text: str) -> str:
+    """Plain text as roff source: backslashes, hyphens and control characters."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return re.sub(r"^([.'])", r"\\&\1", text, flags=re.MULTILINE)
+
+
+def paragraphs(*texts: str) -> str:
+    return "\n.PP\n".join(escape(t) for t in texts)
+
+
+def tagged(items: Sequence[tuple[str, str]], tag_font: str = "B") -> str:
+    """A list of (tag, text) as .TP entries."""
+    return "\n".join(f".TP\n.{tag_font} {escape(tag)}\n{escape(text)}" for tag, text in items)
+
+
+# What the parsers cannot say: longer descriptions and the files a command
+# reads or writes. A command missing here gets the sections every page has.
+DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "virtnbdbackup": (
+        "virtnbdbackup backs up the disks of a libvirt/KVM domain. For a running "
+        "domain it starts a pull-mode backup job in libvirt, which serves each disk "
+        "over NBD, reads the allocation map and saves only allocated data into thin "
+        "stream files, optionally lz4-compressed, each with a checksum file. A shut-off "
+        "domain is read through qemu-nbd.",
+        "A full backup creates the checkpoint virtnbdbackup.0 and each inc backup the "
+        "next one, so that later backups save only the blocks changed since; a diff "
+        "backup saves the changes since the last checkpoint without creating one. copy "
+        "and full backups need an empty output folder; inc and diff backups add to the "
+        "backup set in it. Level auto takes a full backup into an empty folder and an "
+        "inc backup otherwise.",
+        "Data files are written as NAME.partial and renamed once complete. If a backup "
+        "fails or is interrupted, the backup job is stopped, the checkpoint it created "
+        "is removed and the unfinished files are deleted; the domain keeps running.",
+        "Checkpoints libvirt has lost are redefined from the saved checkpoint XML. When "
+        "QEMU refuses the dirty bitmap of the last checkpoint, an incremental backup "
+        "would not restore correctly: a full backup then starts a new chain and the old "
+        "one is moved, restorable, into a chain.TIMESTAMP folder. Both are logged as "
+        "warnings.",
+    ),
+    "virtnbdrestore": (
+        "virtnbdrestore rebuilds disk images from a backup set written by "
+        "virtnbdbackup. For each disk it creates a qcow2 image with the options of the "
+        "source image, serves it with qemu-nbd and replays the full or copy backup, then "
+        "each incremental backup of the chain and the newest differential backup on top. "
+        "The chain is taken from the metadata of the data files, not from file times.",
+        "An image is written as NAME.partial and renamed once complete; an existing "
+        "image is never overwritten. With -o dump the metadata of the backup set is "
+        "printed as JSON, with -o verify every data file is checked against its "
+        "checksum file.",
+    ),
+}
+
+FILES: dict[str, tuple[tuple[str, str], ...]] = {
+    "virtnbdbackup": (
+        ("OUTPUT/DISK.full.data, OUTPUT/DISK.copy.data", "Full and copy backups of a disk."),
+        ("OUTPUT/DISK.inc.virtnbdbackup.N.data", "Incremental backup up to checkpoint N."),
+        ("OUTPUT/DISK.diff.EPOCH.data", "Differential backup taken at EPOCH."),
+        ("OUTPUT/*.data.chksum", "Adler-32 checksum of each stream data file."),
+        ("OUTPUT/*.partial", "A data file being written; left behind only by a crash."),
+        ("OUTPUT/DOMAIN.cpt", "The checkpoint chain of the backup set, as a JSON list."),
+        ("OUTPUT/checkpoints/NAME.xml", "Checkpoint XML, to redefine lost checkpoints (-C)."),
+        ("OUTPUT/vmconfig.IDENT.xml", "The domain XML at the time of each backup."),
+        ("OUTPUT/DISK.IDENT.qcow.json", "qemu-img info of the source image, for restore."),
+        ("OUTPUT/backup.LEVEL.TIMESTAMP.log", "The log of each run."),
+        ("OUTPUT/chain.TIMESTAMP/", "A chain set aside when a new one had to be started."),
+        ("SCRATCHDIR/virtnbdbackup.PID", "The NBD socket of the backup job (-f)."),
+    ),
+    "virtnbdrestore": (
+        ("OUTPUT/IMAGE", "A restored image, named after the source image in the domain XML."),
+        ("OUTPUT/IMAGE.partial", "An image being restored; renamed to IMAGE when complete."),
+        ("OUTPUT/vmconfig.IDENT.xml", "The domain XML of the backup, adjusted with -c."),
+        ("OUTPUT/BOOTFILE", "Restored loader, nvram, kernel and initrd files."),
+        ("INPUT/*.data.partial", "Unfinished data files of a failed backup; ignored."),
+    ),
+}
+
+EXIT_STATUS = (
+    (str(EXIT_OK), "Success."),
+    (str(EXIT_ERROR), "An error; the last log line says what failed and what to do."),
+    (
+        str(EXIT_WARNINGS),
+        "Finished, but warnings were logged and -e/--strict was given. argparse also "
+        "exits with 2 on an invalid command line, after printing the usage.",
+    ),
+)
+
+SEE_ALSO_TOOLS = ("virsh(1)", "qemu-img(1)", "qemu-nbd(8)")
+
+
+def examples(epilog: str | None) -> str | None:
+    """The parser's epilog (``# what it does`` above each command line) as roff."""
+    if not epilog:
+        return None
+    out: list[str] = []
+    commands: list[str] = []
+
+    def flush() -> None:
+        if commands:
+            out.extend([".PP", ".RS 4", ".EX", *map(escape, commands), ".EE", ".RE"])
+            commands.clear()
+
+    for line in epilog.strip().splitlines()[1:]:  # the first line is a heading
+        line = line.strip()
+        if line.startswith("#"):
+            flush()
+            text = line.lstrip("#").strip()
+            out.extend([".PP", escape(text[:1].upper() + text[1:])])
+        elif line:
+            commands.append(line)
+    flush()
+    return "\n".join(out[1:])  # .SH already starts a paragraph
+
+
+def synopsis(parser: argparse.ArgumentParser) -> str:
+    usage = parser.format_usage().split(":", 1)[1].split()
+    words = " ".join(f"\\%{escape(word)}" for word in usage[1:])  # \% : never hyphenate
+    return f".B {escape(usage[0])}\n{words}"
+
+
+def render(command: Command, project: Project, date: str) -> str:
+    parser = build_parser(command)
+    description = parser.description or ""
+    epilog, parser.epilog = parser.epilog, None  # shown as EXAMPLES, not as COMMENTS
+    page = Manpage(parser)
+    page.date = date
+    page.source = f"virtnbdbackup {project.version}"
+    page.manual = "User Commands"
+    page.section = SECTION
+    page.description = description.rstrip(".")[:1].lower() + description.rstrip(".")[1:]
+    page.add_section("synopsis", "=", synopsis(parser))
+    if command.name in DESCRIPTIONS:
+        parser.description = None  # the NAME line has it; the section gets the long text
+        page.add_section("description", "=", paragraphs(*DESCRIPTIONS[command.name]))
+    page.add_section("exit status", "=", tagged(EXIT_STATUS))
+    if command.name in FILES:
+        page.add_section("files", "=", tagged(FILES[command.name], tag_font="I"))
+    example_text = examples(epilog)
+    if example_text:
+        page.add_section("examples", "=", example_text)
+    others = [f"{c.name}({SECTION})" for c in project.commands if c != command]
+    see_also = ",\n".join(
+        f".BR {escape(ref.replace('(', ' ('))}" for ref in [*others, *SEE_ALSO_TOOLS]
+    )
+    page.add_section("see also", "=", see_also)
+    return str(page)
+
+
+def undated(page: str) -> str:
+    """The page without the date in its header, to compare contents."""
+    first, _, rest = page.partition("\n")
+    match = HEADER.match(first)
+    if match:
+        first = f'.TH {match[1]} "{match[2]}" "" {match[4]}'
+    return f"{first}\n{rest}"
+
+
+def today() -> str:
+    stamp = float(os.environ.get("SOURCE_DATE_EPOCH", time.time()))
+    return time.strftime("%Y-%m-%d", time.gmtime(stamp))
+
+
+def page_text(command: Command, project: Project, existing: Path) -> str:
+    """The page; ``existing`` is kept as it is, date included, when nothing else changed."""
+    page = render(command, project, today())
+    if existing.is_file():
+        old = existing.read_text()
+        if undated(old) == undated(page):
+            return old
+    return page
+
+
+def generate(out_dir: Path, project: Project | None = None) -> list[Path]:
+    """Write every command's page into ``out_dir``; the paths written."""
+    project = project or read_project()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for command in project.commands:
+        path = out_dir / command.page_name
+        text = page_text(command, project, MAN_DIR / command.page_name)
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+        written.append(path)
+    return written
+
+
+def stale_pages(man_dir: Path = MAN_DIR, project: Project | None = None) -> list[str]:
+    """What differs between ``man_dir`` and fresh pages, as unified diffs (dates ignored)."""
+    project = project or read_project()
+    problems = []
+    expected = {c.page_name for c in project.commands}
+    for extra in sorted({p.name for p in man_dir.glob(f"*.{SECTION}")} - expected):
+        problems.append(f"{man_dir / extra}: no console script of that name in pyproject.toml")
+    for command in project.commands:
+        path = man_dir / command.page_name
+        fresh = undated(render(command, project, ""))
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        current = undated(path.read_text())
+        if current != fresh:
+            diff = difflib.unified_diff(
+                current.splitlines(), fresh.splitlines(), str(path), "generated", lineterm=""
+            )
+            problems.append("\n".join(diff))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m libvirtnbdbackup.cli.manpages",
+        description="Build the manual pages of the commands from their argument parsers.",
+    )
+    parser.add_argument(
+        "-o", "--output", type=Path, default=MAN_DIR, help="Folder to write into. (default: man/)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="Write nothing; exit 1 when the pages in the folder are stale.",
+    )
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = stale_pages(args.output)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print(f"man pages are stale: regenerate them with {REGENERATE}", file=sys.stderr)
+            return EXIT_ERROR
+        return EXIT_OK
+    for path in generate(args.output):
+        print(path)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
