@@ -4,13 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(
-    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
-    qemu-system-x86 qemu-utils qemu-block-extra
+# What the commands need on a host; docker/Dockerfile installs the same list
+# (tests/unit/test_dockerfile.py compares them).
+RUNTIME_PACKAGES=(
+    qemu-utils qemu-block-extra
     nbdkit nbdkit-plugin-python nbdfuse libnbd-bin fuse3
-    python3-libnbd python3-libvirt python3-lz4 python3-tqdm python3-venv
-    ovmf e2fsprogs
+    python3-libnbd python3-libvirt python3-lz4 python3-tqdm python3-venv python3-wheel
 )
+# What the tests and the demo need on top: libvirtd and QEMU to run throw-away
+# VMs, and groff to check that the man pages render.
+TEST_PACKAGES=(
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+    qemu-system-x86 ovmf e2fsprogs groff-base
+)
+PACKAGES=("${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}")
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

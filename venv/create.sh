@@ -77,14 +77,16 @@ py="$target/bin/python"
 [ -x "$py" ] || fail "$target has no bin/python; remove it and run this again"
 
 pip=("$py" -m pip install -q --disable-pip-version-check)
-# The venv's own setuptools builds the package without fetching a build backend.
-if "$py" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 61)' \
+# With setuptools >= 61 and wheel at hand (python3-venv, python3-wheel) the
+# package is built offline; otherwise pip fetches them for the build.
+if "$py" -c 'import setuptools, sys, wheel; sys.exit(int(setuptools.__version__.split(".")[0]) < 61)' \
     2>/dev/null; then
     pip+=(--no-build-isolation)
 fi
 if [ "$dev" = 1 ]; then
     "${pip[@]}" -e "$repo[dev]"
 else
+    rm -rf "$repo/build"  # setuptools' scratch: a stale copy could slip into the wheel
     "${pip[@]}" "$repo"  # pip reinstalls a local folder, so a rerun picks up changes
 fi
 "$target/bin/virtnbdbackup" --version >/dev/null || fail "the installed virtnbdbackup does not run"
