@@ -64,6 +64,8 @@ class Project:
 
 def read_project(pyproject: Path = REPO / "pyproject.toml") -> Project:
     """The version and the console scripts (the registry of commands)."""
+    if not pyproject.is_file():
+        raise SystemExit(f"{pyproject} is missing: man pages are built in a source checkout")
     project = tomllib.loads(pyproject.read_text())["project"]
     commands = tuple(
         Command(name, target.split(":", 1)[0])
@@ -186,7 +188,10 @@ def examples(epilog: str | None) -> str | None:
             out.extend([".PP", ".RS 4", ".EX", *map(escape, commands), ".EE", ".RE"])
             commands.clear()
 
-    for line in epilog.strip().splitlines()[1:]:  # the first line is a heading
+    lines = epilog.strip().splitlines()
+    if lines[0].rstrip().endswith(":") and not lines[0].lstrip().startswith("#"):
+        lines = lines[1:]  # a heading such as "examples:"; .SH EXAMPLES replaces it
+    for line in lines:
         line = line.strip()
         if line.startswith("#"):
             flush()

@@ -140,6 +140,8 @@ def test_examples_come_from_the_epilog() -> None:
         ".RE",
     ]
     assert manpages.examples(None) is None
+    # No heading: every line is kept.
+    assert manpages.examples("tool -x\n") == ".RS 4\n.EX\ntool \\-x\n.EE\n.RE"
 
 
 def test_check_mode_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
