@@ -168,8 +168,8 @@ EXIT_STATUS = (
     (str(EXIT_ERROR), "An error; the last log line says what failed and what to do."),
     (
         str(EXIT_WARNINGS),
-        "Finished, but warnings were logged and -e/--strict was given. argparse also "
-        "exits with 2 on an invalid command line, after printing the usage.",
+        "Finished, but warnings were logged and -e/--strict was given; also an invalid "
+        "command line, after the usage is printed.",
     ),
 )
 
