@@ -10,6 +10,7 @@ RUNTIME_PACKAGES=(
     qemu-utils qemu-block-extra
     nbdkit nbdkit-plugin-python nbdfuse libnbd-bin fuse3
     python3-libnbd python3-libvirt python3-lz4 python3-tqdm python3-venv python3-wheel
+    openssh-client
 )
 # What the tests and the demo need on top: libvirtd and QEMU to run throw-away
 # VMs, and groff to check that the man pages render.
