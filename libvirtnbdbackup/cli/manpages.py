@@ -163,15 +163,21 @@ FILES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 
-EXIT_STATUS = (
-    (str(EXIT_OK), "Success."),
-    (str(EXIT_ERROR), "An error; the last log line says what failed and what to do."),
-    (
-        str(EXIT_WARNINGS),
-        "Finished, but warnings were logged and -e/--strict was given; also an invalid "
-        "command line, after the usage is printed.",
-    ),
-)
+
+def exit_status(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """The exit codes of cli.common.run_job, with the command's own --strict spelling."""
+    strict = next(("/".join(a.option_strings) for a in parser._actions if a.dest == "strict"), None)
+    usage = "an invalid command line, after the usage is printed."
+    if strict:
+        two = f"Finished, but warnings were logged and {strict} was given; also {usage}"
+    else:
+        two = usage[:1].upper() + usage[1:]
+    return [
+        (str(EXIT_OK), "Success."),
+        (str(EXIT_ERROR), "An error; the last log line says what failed and what to do."),
+        (str(EXIT_WARNINGS), two),
+    ]
+
 
 SEE_ALSO_TOOLS = ("virsh(1)", "qemu-img(1)", "qemu-nbd(8)")
 
@@ -223,7 +229,7 @@ def render(command: Command, project: Project, date: str) -> str:
     if command.name in DESCRIPTIONS:
         parser.description = None  # the NAME line has it; the section gets the long text
         page.add_section("description", "=", paragraphs(*DESCRIPTIONS[command.name]))
-    page.add_section("exit status", "=", tagged(EXIT_STATUS))
+    page.add_section("exit status", "=", tagged(exit_status(parser)))
     if command.name in FILES:
         page.add_section("files", "=", tagged(FILES[command.name], tag_font="I"))
     example_text = examples(epilog)

@@ -152,3 +152,15 @@ def test_check_mode_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err
     assert "virtnbdrestore.1: missing" in err
     assert f"regenerate them with {REGENERATE}" in err
+
+
+def test_exit_status_names_the_commands_own_strict_option() -> None:
+    parser = argparse.ArgumentParser()
+    assert manpages.exit_status(parser)[2] == (
+        "2",
+        "An invalid command line, after the usage is printed.",
+    )
+    parser.add_argument("--strict", action="store_true")
+    assert "and --strict was given" in manpages.exit_status(parser)[2][1]
+    codes = [code for code, _text in manpages.exit_status(parser)]
+    assert codes == ["0", "1", "2"]
