@@ -35,3 +35,7 @@ class TargetError(VirtnbdError):
 
 class Interrupted(VirtnbdError):
     """The user asked us to stop (SIGINT or SIGTERM)."""
+
+
+class SshError(VirtnbdError):
+    """The hypervisor host cannot be reached over SSH, or a command there failed."""

@@ -13,10 +13,11 @@ RUNTIME_PACKAGES=(
     openssh-client
 )
 # What the tests and the demo need on top: libvirtd and QEMU to run throw-away
-# VMs, and groff to check that the man pages render.
+# VMs, groff to check that the man pages render, and an sshd and openssl for
+# the remote and TLS tests.
 TEST_PACKAGES=(
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
-    qemu-system-x86 ovmf e2fsprogs groff-base
+    qemu-system-x86 ovmf e2fsprogs groff-base openssh-server openssl
 )
 PACKAGES=("${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}")
 

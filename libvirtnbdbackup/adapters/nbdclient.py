@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import nbd
 
@@ -30,6 +31,7 @@ DIRTY = 1  # set in qemu:dirty-bitmap:NAME for blocks changed since the checkpoi
 DEFAULT_CHUNK = 4 * 1024 * 1024
 DEFAULT_DEPTH = 8
 MAX_BLOCK_STATUS = 1 << 31  # bytes asked per block status request
+DEFAULT_PORT = 10809
 
 Buffer = bytes | bytearray | memoryview
 
@@ -39,6 +41,34 @@ class Extent:
     offset: int
     length: int
     flags: int
+
+
+@dataclass(frozen=True)
+class NbdAddress:
+    """Where an NBD server listens: a unix socket, or TCP (with TLS when
+    ``tls_dir`` names the folder of the client certificates)."""
+
+    socket: str | None = None
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    tls_dir: str | None = None
+
+    def uri(self, export: str = "") -> str:
+        if self.socket:
+            return f"nbd+unix:///{quote(export)}?socket={quote(self.socket)}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        scheme = "nbds" if self.tls_dir else "nbd"
+        return f"{scheme}://{host}:{self.port}/{quote(export)}"
+
+    def __str__(self) -> str:
+        if self.socket:
+            return self.socket
+        return f"{self.host}:{self.port}{' (TLS)' if self.tls_dir else ''}"
+
+
+def _is_tls_failure(message: str) -> bool:
+    """A refused certificate, ours or the server's: retrying cannot help."""
+    return any(word in message for word in ("certificate", "gnutls", "TLS"))
 
 
 def _error(what: str, err: Exception) -> NbdError:
@@ -54,6 +84,49 @@ class NbdClient:
         self.max_request: int = min(maximum, 32 * 1024 * 1024)
 
     @classmethod
+    def connect(
+        cls,
+        address: NbdAddress,
+        export: str = "",
+        contexts: Iterable[str] = (),
+        *,
+        wait: float = 0.0,
+    ) -> NbdClient:
+        """Connect, retrying for up to ``wait`` seconds while the server starts.
+
+        With ``address.tls_dir`` the connection is TLS or nothing: a server
+        that does not offer TLS, or a certificate that does not verify,
+        fails the connection.
+        """
+        uri = address.uri(export)
+        deadline = time.monotonic() + wait
+        while True:
+            handle = nbd.NBD()
+            for context in contexts:
+                handle.add_meta_context(context)
+            if address.tls_dir:
+                handle.set_tls_certificates(address.tls_dir)
+            try:
+                handle.connect_uri(uri)
+                if address.tls_dir and not handle.get_tls_negotiated():
+                    raise NbdError(f"{uri}: the server did not negotiate TLS")
+                return cls(handle, uri)
+            except nbd.Error as err:
+                if address.tls_dir and _is_tls_failure(err.string or ""):
+                    raise _error(
+                        f"cannot connect to NBD export {export!r} at {address}: TLS "
+                        f"certificate check failed (the certificates in {address.tls_dir} and "
+                        "the hypervisor's must be signed by one CA, and the server certificate "
+                        f"must name {address.host})",
+                        err,
+                    ) from None
+                if time.monotonic() >= deadline:
+                    raise _error(
+                        f"cannot connect to NBD export {export!r} at {address}", err
+                    ) from None
+                time.sleep(0.05)
+
+    @classmethod
     def connect_unix(
         cls,
         socket: str,
@@ -62,22 +135,7 @@ class NbdClient:
         *,
         wait: float = 0.0,
     ) -> NbdClient:
-        """Connect, retrying for up to ``wait`` seconds while the server starts."""
-        deadline = time.monotonic() + wait
-        while True:
-            handle = nbd.NBD()
-            for context in contexts:
-                handle.add_meta_context(context)
-            handle.set_export_name(export)
-            try:
-                handle.connect_unix(socket)
-                return cls(handle, f"nbd+unix:///{export}?socket={socket}")
-            except nbd.Error as err:
-                if time.monotonic() >= deadline:
-                    raise _error(
-                        f"cannot connect to NBD export {export!r} at {socket}", err
-                    ) from None
-                time.sleep(0.05)
+        return cls.connect(NbdAddress(socket=socket), export, contexts, wait=wait)
 
     def can_meta_context(self, context: str) -> bool:
         return bool(self._h.can_meta_context(context))

@@ -2,37 +2,55 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shlex
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import QemuToolError
+from ..errors import QemuToolError, SshError, VirtnbdError
+from .hosts import LOCAL, Host
+from .nbdclient import NbdAddress
+from .ssh import SSH_FAILED, unreachable
 
 log = logging.getLogger(__name__)
 
+TLS_ID = "tls0"
 
-def run(cmd: list[str], what: str) -> str:
-    log.debug("running %s", " ".join(cmd))
+
+def run(cmd: list[str], what: str, host: Host = LOCAL) -> str:
+    """Run a qemu tool on ``host``; its output."""
+    argv = host.command(cmd)
+    log.debug("running %s", shlex.join(argv))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        raise QemuToolError(f"{cmd[0]} is not installed (install qemu-utils)") from None
+        raise QemuToolError(f"{argv[0]} is not installed ({_package(argv[0])})") from None
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()
-        raise QemuToolError(f"cannot {what}: {detail[-1] if detail else f'exit {proc.returncode}'}")
+        reason = detail[-1] if detail else f"exit {proc.returncode}"
+        if host.is_remote and proc.returncode == SSH_FAILED:
+            raise SshError(unreachable(host.name, reason))
+        where = f" on {host.name}" if host.is_remote else ""
+        raise QemuToolError(f"cannot {what}{where}: {reason}")
     return proc.stdout
 
 
-def image_info(path: str) -> dict[str, Any]:
+def _package(tool: str) -> str:
+    return "install openssh-client" if tool == "ssh" else "install qemu-utils"
+
+
+def image_info(path: str, host: Host = LOCAL) -> dict[str, Any]:
     """``qemu-img info`` of an image that may be in use by a running VM."""
     out = run(
         ["qemu-img", "info", "--output", "json", "--force-share", path],
         f"read image information of {path}",
+        host,
     )
     info: dict[str, Any] = json.loads(out)
     return info
@@ -59,12 +77,16 @@ def qcow2_create_options(info: dict[str, Any], data_file: str | None = None) -> 
 
 
 def create_image(
-    path: str, size: int, fmt: str = "qcow2", options: list[str] | None = None
+    path: str,
+    size: int,
+    fmt: str = "qcow2",
+    options: list[str] | None = None,
+    host: Host = LOCAL,
 ) -> None:
     cmd = ["qemu-img", "create", "-q", "-f", fmt]
     if options:
         cmd += ["-o", ",".join(options)]
-    run([*cmd, path, str(size)], f"create image {path}")
+    run([*cmd, path, str(size)], f"create image {path}", host)
 
 
 def convert_raw(source: str, dest: str) -> None:
@@ -72,12 +94,29 @@ def convert_raw(source: str, dest: str) -> None:
     run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "raw", source, dest], f"copy {source}")
 
 
-def convert_compressed(source: str, dest: str, options: list[str]) -> None:
+def convert_compressed(
+    source: str, dest: str, options: list[str], host: Host = LOCAL
+) -> None:
     """Copy a qcow2 image into a new one whose clusters are compressed."""
     cmd = ["qemu-img", "convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2"]
     if options:
         cmd += ["-o", ",".join(options)]
-    run([*cmd, source, dest], f"compress {source}")
+    run([*cmd, source, dest], f"compress {source}", host)
+
+
+def convert_raw_to_nbd(source: str, target: NbdAddress) -> None:
+    """Copy a local raw image into an NBD export (of the same size)."""
+    assert target.host is not None
+    opts = f"driver=nbd,server.type=inet,server.host={target.host},server.port={target.port}"
+    cmd = ["qemu-img", "convert", "-q", "-n", "-f", "raw"]
+    if target.tls_dir:
+        cmd += ["--object", _tls_object(target.tls_dir, "client")]
+        opts += f",tls-creds={TLS_ID}"
+    run([*cmd, "--target-image-opts", source, opts], f"copy {source} to {target}")
+
+
+def _tls_object(tls_dir: str, endpoint: str) -> str:
+    return f"tls-creds-x509,id={TLS_ID},dir={tls_dir},endpoint={endpoint}"
 
 
 def image_bitmaps(info: dict[str, Any]) -> dict[str, list[str]]:
@@ -95,45 +134,98 @@ def nbd_server(
     export: str = "",
     bitmap: str | None = None,
     socket_dir: str | None = None,
-) -> Iterator[str]:
-    """Serve ``image`` with qemu-nbd on a private unix socket; yield the socket.
+    host: Host = LOCAL,
+    tcp: NbdAddress | None = None,
+    bind: str | None = None,
+) -> Iterator[NbdAddress]:
+    """Serve ``image`` with qemu-nbd on ``host``; yield where to connect.
 
-    qemu-nbd ends when its one client disconnects; it is killed if it is
-    still there when the block is left. ``bitmap`` exposes that persistent
-    dirty bitmap as ``qemu:dirty-bitmap:NAME``.
+    Without ``tcp`` qemu-nbd listens on a private unix socket; with it on
+    TCP port ``tcp.port`` of address ``bind``, and with TLS when
+    ``tcp.tls_dir`` is set (the server's certificates are read from the
+    same folder on ``host``). qemu-nbd ends when its one client
+    disconnects, and is stopped in any case when the block is left, also
+    when this process dies: it lives only as long as our pipe to it.
+    ``bitmap`` exposes that persistent dirty bitmap as
+    ``qemu:dirty-bitmap:NAME``.
     """
-    workdir = tempfile.mkdtemp(prefix="virtnbdbackup.", dir=socket_dir)
-    socket = os.path.join(workdir, "nbd.sock")
-    cmd = ["qemu-nbd", "--socket", socket, "--format", fmt, "--export-name", export]
-    if readonly:
-        cmd += ["--read-only"]
+    workdir = None
+    args = ["--format", fmt, "--export-name", export, "--shared", "1"]
+    if tcp is None:
+        workdir = tempfile.mkdtemp(prefix="virtnbdbackup.", dir=socket_dir)
+        address = NbdAddress(socket=os.path.join(workdir, "nbd.sock"))
+        args += ["--socket", address.socket or ""]
     else:
-        cmd += ["--cache", "writeback", "--discard", "unmap"]
+        address = tcp
+        args += ["--bind", bind or tcp.host or "", "--port", str(tcp.port)]
+        if tcp.tls_dir:
+            args += ["--object", _tls_object(tcp.tls_dir, "server"), "--tls-creds", TLS_ID]
+    if readonly:
+        args += ["--read-only"]
+    else:
+        args += ["--cache", "writeback", "--discard", "unmap"]
     if bitmap:
-        cmd += ["--bitmap", bitmap]
-    cmd += ["--shared", "1", image]
-    log.debug("running %s", " ".join(cmd))
+        args += ["--bitmap", bitmap]
+    serve = ["sh", "-c", _SERVE, "qemu-nbd", "qemu-nbd", *args, image]
+    argv = host.command(serve, dedicated=True)
+    log.debug("running %s", shlex.join(argv))
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
     except FileNotFoundError:
-        os.rmdir(workdir)
-        raise QemuToolError("qemu-nbd is not installed (install qemu-utils)") from None
+        if workdir:
+            os.rmdir(workdir)
+        raise QemuToolError(f"{argv[0]} is not installed ({_package(argv[0])})") from None
     try:
-        yield socket
-    except BaseException:
-        proc.kill()
-        raise
-    finally:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        assert proc.stdout is not None and proc.stderr is not None
+        if proc.stdout.readline().strip() != b"ready":
             proc.wait()
-        err = proc.stderr.read() if proc.stderr else ""
-        if proc.stderr:
-            proc.stderr.close()
-        if os.path.exists(socket):
-            os.unlink(socket)
-        os.rmdir(workdir)
-        if proc.returncode not in (0, -9) and err.strip():
-            log.warning("qemu-nbd for %s: %s", image, err.strip().splitlines()[-1])
+            raise _serve_error(image, host, address, proc.returncode, proc.stderr.read())
+        yield address
+    finally:
+        _stop_server(proc)
+        if workdir:
+            if address.socket and os.path.exists(address.socket):
+                os.unlink(address.socket)
+            os.rmdir(workdir)
+
+
+# Started as ``sh -c _SERVE qemu-nbd ARGV...``: qemu-nbd --fork returns once
+# it listens; the shell then waits for our end of its stdin to close (we are
+# done, or gone) and stops a server that is still running.
+_SERVE = (
+    'dir=$(mktemp -d) || exit 1; "$@" --fork --pid-file "$dir/pid" || { rm -rf "$dir"; exit 1; }; '
+    'echo ready; read -r _; pid=$(cat "$dir/pid" 2>/dev/null); '
+    '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"; exit 0'
+)
+
+
+def _stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.stdin:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+
+
+def _serve_error(
+    image: str, host: Host, address: NbdAddress, code: int, stderr: bytes
+) -> VirtnbdError:
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    reason = lines[-1] if lines else f"exit {code}"
+    if host.is_remote and code == SSH_FAILED:
+        return SshError(unreachable(host.name, reason))
+    if "Address already in use" in reason:
+        return QemuToolError(
+            f"NBD port {address.port} on {host.name} is in use (by another backup or "
+            f"restore?): choose a free port with -P ({reason})"
+        )
+    where = f" on {host.name}" if host.is_remote else ""
+    return QemuToolError(f"cannot serve {image} with qemu-nbd{where}: {reason}")

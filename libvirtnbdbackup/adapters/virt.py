@@ -13,6 +13,7 @@ import libvirt
 
 from ..errors import DomainError
 from .domainxml import Disk
+from .nbdclient import NbdAddress
 
 log = logging.getLogger(__name__)
 
@@ -205,14 +206,23 @@ def own_checkpoints(names: Iterable[str]) -> list[str]:
 def backup_xml(
     backup_disks: list[Disk],
     all_disks: list[Disk],
-    socket: str,
+    server: NbdAddress,
     scratch: dict[str, str],
     incremental: str | None = None,
+    bind: str | None = None,
 ) -> str:
+    """A pull-mode backup job whose NBD server listens at ``server``: its
+    unix socket, or TCP on address ``bind`` (TLS if ``server.tls_dir``)."""
     root = ET.Element("domainbackup", mode="pull")
     if incremental:
         ET.SubElement(root, "incremental").text = incremental
-    ET.SubElement(root, "server", transport="unix", socket=socket)
+    if server.socket:
+        ET.SubElement(root, "server", transport="unix", socket=server.socket)
+    else:
+        attrs = {"transport": "tcp", "name": bind or server.host or "", "port": str(server.port)}
+        if server.tls_dir:
+            attrs["tls"] = "yes"  # certificates: qemu.conf backup_tls_x509_cert_dir
+        ET.SubElement(root, "server", attrs)
     disks = ET.SubElement(root, "disks")
     chosen = {d.target for d in backup_disks}
     for disk in all_disks:

@@ -26,7 +26,9 @@ from .common import (
     EXIT_ERROR,
     add_common_args,
     add_connection_args,
+    add_remote_args,
     install_signal_handlers,
+    remote_options,
     run_job,
     setup_logging,
 )
@@ -43,6 +45,8 @@ examples:
   virtnbdbackup -d webvm -l copy -i vda -z -o /backup/webvm-copy
   # full backup as a zip archive on standard output:
   virtnbdbackup -d webvm -l full -o - > webvm.zip
+  # full backup of domain vm1 on hypervisor hv1, disks over NBD with TLS:
+  virtnbdbackup -U qemu+ssh://root@hv1/system --tls -d vm1 -l full -o /backup/vm1
 """
 
 
@@ -136,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Pause a running domain while the backup job starts. (default: %(default)s)",
     )
     add_connection_args(parser)
+    add_remote_args(parser)
     debug = parser.add_argument_group("Job control")
     debug.add_argument(
         "-p",
@@ -191,6 +196,7 @@ def options_from(args: argparse.Namespace) -> BackupOptions:
         threshold=args.threshold,
         start_domain=args.start_domain,
         pause=args.pause,
+        remote=remote_options(args),
     )
 
 

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
+from ..adapters.nbdclient import DEFAULT_PORT
 from ..errors import Interrupted, VirtnbdError
+from ..jobs.remote import DEFAULT_TLS_DIR, RemoteOptions
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -62,6 +64,71 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--user", default=None, help="User to authenticate to libvirt with.")
     group.add_argument("--password", default=None, help="Password to authenticate with.")
+
+
+def add_remote_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Remote options", "Used when the -U URI names another host (qemu+ssh://root@hv1/system)."
+    )
+    group.add_argument(
+        "--ssh-user",
+        default=None,
+        help="User to log in with over SSH, to run qemu tools and copy files. "
+        "(default: the user in the URI, else your SSH configuration's)",
+    )
+    group.add_argument(
+        "--ssh-port",
+        type=int,
+        default=None,
+        help="SSH port. (default: the port of a qemu+ssh URI, else your SSH configuration's)",
+    )
+    group.add_argument(
+        "--ssh-private-key",
+        default=None,
+        metavar="FILE",
+        help="Private key for SSH. (default: the URI's keyfile, else your SSH configuration's)",
+    )
+    group.add_argument(
+        "-P",
+        "--nbd-port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="TCP port of the remote NBD server; give each backup or restore running at the "
+        "same time its own (a shut-off domain uses one port per disk, from this one up). "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "-I",
+        "--nbd-ip",
+        default=None,
+        help="Address the remote NBD server listens on, e.g. on a dedicated backup network. "
+        "(default: the host of the URI)",
+    )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        help="Transfer the disks over NBD with TLS (x509 certificates). (default: %(default)s)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        default=DEFAULT_TLS_DIR,
+        metavar="DIR",
+        help="Folder of the TLS certificates: ca-cert.pem, client-cert.pem and client-key.pem "
+        "here, ca-cert.pem, server-cert.pem and server-key.pem in the same folder on the "
+        "hypervisor. (default: %(default)s)",
+    )
+
+
+def remote_options(args: argparse.Namespace) -> RemoteOptions:
+    return RemoteOptions(
+        ssh_user=args.ssh_user,
+        ssh_port=args.ssh_port,
+        ssh_key=args.ssh_private_key,
+        nbd_port=args.nbd_port,
+        nbd_ip=args.nbd_ip,
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+    )
 
 
 def setup_logging(args: argparse.Namespace, log_file: str | None) -> WarningCounter:

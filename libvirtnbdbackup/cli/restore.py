@@ -12,7 +12,9 @@ from ..jobs.restore import RestoreJob, RestoreOptions, dump_json, verify
 from .common import (
     add_common_args,
     add_connection_args,
+    add_remote_args,
     install_signal_handlers,
+    remote_options,
     run_job,
     setup_logging,
 )
@@ -29,6 +31,8 @@ examples:
   virtnbdrestore -i /backup/webvm -o dump
   # check every data file against its saved checksum:
   virtnbdrestore -i /backup/webvm -o verify
+  # restore onto hypervisor hv1 and define the domain there:
+  virtnbdrestore -U qemu+ssh://root@hv1/system -i /backup/webvm -o /var/lib/libvirt/images/r -D
 """
 
 
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
     add_connection_args(parser)
+    add_remote_args(parser)
     add_common_args(parser)
     return parser
 
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         sequence=[n.strip() for n in args.sequence.split(",") if n.strip()]
         if args.sequence
         else None,
+        remote=remote_options(args),
     )
 
     def job() -> None:

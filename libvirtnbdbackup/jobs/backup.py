@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,8 @@ from typing import Any
 
 from ..adapters import qemu
 from ..adapters.domainxml import Disk, boot_files, parse_disks, select_disks
-from ..adapters.nbdclient import ALLOCATION_CONTEXT, NbdClient, bitmap_context
+from ..adapters.hosts import LOCAL, Host
+from ..adapters.nbdclient import ALLOCATION_CONTEXT, NbdAddress, NbdClient, bitmap_context
 from ..adapters.virt import (
     CHECKPOINT_PREFIX,
     Domain,
@@ -27,11 +29,12 @@ from ..adapters.virt import (
     checkpoint_xml,
     own_checkpoints,
 )
-from ..errors import DomainError, Interrupted, QemuToolError, UsageError
+from ..errors import DomainError, Interrupted, QemuToolError, SshError, UsageError
 from ..targets.base import Target
 from ..targets.directory import write_atomic
 from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
+from .remote import Remote, RemoteOptions
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class BackupOptions:
     threshold: int = 0  # skip an inc/diff that changed fewer bytes
     start_domain: bool = False  # back up a shut-off domain by starting it paused
     pause: bool = False  # suspend the domain while the backup job starts
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
 
     @property
     def cpt_file(self) -> Path:
@@ -130,13 +134,16 @@ def check_output_folder(opts: BackupOptions) -> None:
         )
 
 
-def local_image_infos(disks: list[Disk], unavailable: str) -> Iterator[tuple[Disk, dict[str, Any]]]:
-    """``qemu-img info`` of each disk with a local image; a failure is a warning."""
+def local_image_infos(
+    disks: list[Disk], unavailable: str, host: Host = LOCAL
+) -> Iterator[tuple[Disk, dict[str, Any]]]:
+    """``qemu-img info`` of each disk with an image file on ``host``; a
+    failure is a warning."""
     for disk in disks:
         if not disk.is_local_image or disk.path is None:
             continue
         try:
-            yield disk, qemu.image_info(disk.path)
+            yield disk, qemu.image_info(disk.path, host)
         except QemuToolError as err:
             log.warning("disk %s: %s: %s", disk.target, unavailable, err)
 
@@ -145,7 +152,7 @@ def local_image_infos(disks: list[Disk], unavailable: str) -> Iterator[tuple[Dis
 class Export:
     """Where one disk is served over NBD, and the bitmap of its changes."""
 
-    socket: str
+    address: NbdAddress
     bitmap: str | None
 
 
@@ -159,6 +166,8 @@ class BackupJob:
         self.cancel = cancel
         self._healed: set[str] = set()  # orphan bitmaps removed in this run
         self.pid = os.getpid()
+        self.remote = Remote(opts.uri, opts.remote)
+        self.host: Host = LOCAL
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -170,8 +179,13 @@ class BackupJob:
         hypervisor = Hypervisor(self.opts.uri, self.opts.user, self.opts.password)
         try:
             log.info("libvirt library version: %s", hypervisor.library_version)
-            return self._run(hypervisor.domain(self.opts.domain), self.opts.level)
+            domain = hypervisor.domain(self.opts.domain)
+            self.host = self.remote.host()
+            if self.host.is_remote:
+                log.info("domain %s runs on %s: files over SSH", domain.name, self.host.name)
+            return self._run(domain, self.opts.level)
         finally:
+            self.host.close()
             hypervisor.close()
 
     def _run(self, domain: Domain, level: str) -> list[DiskResult]:
@@ -233,14 +247,20 @@ class BackupJob:
             new_checkpoint = checkpoint_xml(step.create, bitmap_disks, all_disks)
             log.info("creating checkpoint %s", step.create)
 
-        socket = self.opts.socket_file or f"{self.opts.scratch_dir}/virtnbdbackup.{self.pid}"
         scratch = {
             d.target: f"{self.opts.scratch_dir}/backup.{domain.name}.{d.target}.{self.pid}"
             for d in disks
         }
-        os.makedirs(self.opts.scratch_dir, exist_ok=True)
-        job_xml = backup_xml(disks, all_disks, socket, scratch, incremental=step.since)
-        log.info("starting backup job, NBD socket %s", socket)
+        self.host.makedirs(self.opts.scratch_dir)
+        bind = None
+        if self.remote.is_remote:
+            server = self.remote.nbd_address()
+            bind = self.remote.bind_address()
+        else:
+            socket = self.opts.socket_file or f"{self.opts.scratch_dir}/virtnbdbackup.{self.pid}"
+            server = NbdAddress(socket=socket)
+        job_xml = backup_xml(disks, all_disks, server, scratch, step.since, bind)
+        log.info("starting backup job, NBD server %s", server)
         try:
             if self.opts.pause:
                 log.info("pausing domain %s while the backup job starts", domain.name)
@@ -266,12 +286,17 @@ class BackupJob:
                 return self._run(domain, level)
             # QEMU checks each bitmap as the job starts: one left inconsistent
             # by a crash is refused here, before any data has moved.
+            if "Address already in use" in str(err):
+                raise DomainError(
+                    f"NBD port {server.port} on {bind} is in use (by another backup?): "
+                    f"choose a free port with -P ({err})"
+                ) from None
             if step.since is None or "bitmap" not in str(err):
                 raise
             self._start_new_chain(f"QEMU refused the bitmaps of checkpoint {step.since} ({err})")
             return self._run(domain, "full")
         try:
-            results = self._backup_disks(disks, step, partial(self._job_export, socket, step))
+            results = self._backup_disks(disks, step, partial(self._job_export, server, step))
             self._save_metadata(domain, domain_xml, disks, step)
         except BaseException:
             self._stop_job(domain)
@@ -281,10 +306,9 @@ class BackupJob:
         self._stop_job(domain)
         return results
 
-    @staticmethod
-    def _check_bitmap_support(disks: list[Disk]) -> None:
+    def _check_bitmap_support(self, disks: list[Disk]) -> None:
         """qcow2 v2 (compat 0.10) images cannot store dirty bitmaps."""
-        for disk, info in local_image_infos(disks, "image format not checked"):
+        for disk, info in local_image_infos(disks, "image format not checked", self.host):
             if info.get("format-specific", {}).get("data", {}).get("compat") == "0.10":
                 raise UsageError(
                     f"disk {disk.target} is a qcow2 v2 image ({disk.path}), which cannot store "
@@ -384,15 +408,15 @@ class BackupJob:
             for disk in disks:
                 self._check_offline_bitmap(disk, step.since)
             log.info("saving the changes since checkpoint %s", step.since)
-        results = self._backup_disks(disks, step, partial(self._offline_export, step))
+        ports = {disk.target: index for index, disk in enumerate(disks)}
+        results = self._backup_disks(disks, step, partial(self._offline_export, step, ports))
         self._save_metadata(domain, domain_xml, disks, step)
         return results
 
-    @staticmethod
-    def _check_offline_bitmap(disk: Disk, checkpoint: str) -> None:
+    def _check_offline_bitmap(self, disk: Disk, checkpoint: str) -> None:
         if disk.path is None or disk.format != "qcow2":
             raise UsageError(f"disk {disk.target}: offline incremental backups need a qcow2 image")
-        bitmaps = qemu.image_bitmaps(qemu.image_info(disk.path))
+        bitmaps = qemu.image_bitmaps(qemu.image_info(disk.path, self.host))
         flags = bitmaps.get(checkpoint)
         if flags is None or "in-use" in flags:
             state = "is missing" if flags is None else "was left inconsistent by a crash"
@@ -403,13 +427,17 @@ class BackupJob:
             )
 
     @contextmanager
-    def _job_export(self, socket: str, step: BackupStep, disk: Disk) -> Iterator[Export]:
+    def _job_export(self, server: NbdAddress, step: BackupStep, disk: Disk) -> Iterator[Export]:
         bitmap = f"backup-{disk.target}" if step.since else None
-        yield Export(socket, bitmap)
+        yield Export(server, bitmap)
 
     @contextmanager
-    def _offline_export(self, step: BackupStep, disk: Disk) -> Iterator[Export]:
+    def _offline_export(
+        self, step: BackupStep, ports: dict[str, int], disk: Disk
+    ) -> Iterator[Export]:
+        """qemu-nbd for one disk; on a remote host each disk gets its own port."""
         assert disk.path is not None
+        remote = self.remote.is_remote
         with qemu.nbd_server(
             disk.path,
             disk.format,
@@ -417,8 +445,12 @@ class BackupJob:
             export=disk.target,
             bitmap=step.since,
             socket_dir=self.opts.scratch_dir,
-        ) as socket:
-            yield Export(socket, step.since)
+            host=self.host,
+            tcp=self.remote.nbd_address(ports[disk.target]) if remote else None,
+            bind=self.remote.bind_address() if remote else None,
+        ) as address:
+            log.info("disk %s: served by qemu-nbd at %s", disk.target, address)
+            yield Export(address, step.since)
 
     def _backup_disks(
         self, disks: list[Disk], step: BackupStep, export: ExportOpener
@@ -492,7 +524,7 @@ class BackupJob:
         contexts = [ALLOCATION_CONTEXT]
         if plan.bitmap:
             contexts.append(bitmap_context(plan.bitmap))
-        client = NbdClient.connect_unix(source.socket, disk.target, contexts, wait=10)
+        client = NbdClient.connect(source.address, disk.target, contexts, wait=10)
         try:
             return DiskBackup(
                 client,
@@ -512,7 +544,7 @@ class BackupJob:
     ) -> None:
         ident = step.ident
         self.target.write_file(f"vmconfig.{ident}.xml", domain_xml.encode())
-        for disk, info in local_image_infos(disks, "image options not saved"):
+        for disk, info in local_image_infos(disks, "image options not saved", self.host):
             self.target.write_file(
                 f"{disk.target}.{ident}.qcow.json", json.dumps(info, indent=4).encode()
             )
@@ -521,12 +553,21 @@ class BackupJob:
             if step.level != "copy":
                 name = f"{name}.{ident}"
             try:
-                self.target.copy_file(name, path)
+                self._save_boot_file(name, path)
                 log.info("saved boot file %s as %s", path, name)
-            except OSError as err:
+            except (OSError, SshError) as err:
                 log.warning("boot file %s not saved: %s", path, err)
         if step.create:
             self._save_checkpoint(domain, step.create)
+
+    def _save_boot_file(self, name: str, path: str) -> None:
+        if not self.host.is_remote:
+            self.target.copy_file(name, path)
+            return
+        with tempfile.TemporaryDirectory(prefix="virtnbdbackup.") as tmp:
+            local = os.path.join(tmp, name)
+            self.host.fetch(path, local)
+            self.target.copy_file(name, local)
 
     def _save_checkpoint(self, domain: Domain, checkpoint: str) -> None:
         """Keep the checkpoint's XML (to redefine it) and append it to the chain."""

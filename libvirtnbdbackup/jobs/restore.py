@@ -5,25 +5,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..adapters import qemu
 from ..adapters.domainxml import adjust_config, boot_files
-from ..adapters.nbdclient import NbdClient
+from ..adapters.hosts import LOCAL, Host
+from ..adapters.nbdclient import NbdAddress, NbdClient
 from ..adapters.virt import Hypervisor
-from ..errors import Interrupted, StreamError, TargetError, VirtnbdError
+from ..errors import Interrupted, StreamError, TargetError, UsageError, VirtnbdError
 from ..format.frames import Kind
 from ..format.reader import StreamReader, file_adler32
-from ..targets.directory import PARTIAL_SUFFIX, fsync_dir
+from ..targets.directory import PARTIAL_SUFFIX
 from .backupset import DataFile, chains, image_names, load_json, ordered_sequence, scan
+from .remote import Remote, RemoteOptions
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class RestoreOptions:
     password: str | None = None
     until: str | None = None  # restore the state of this checkpoint
     sequence: list[str] | None = None  # explicit data file names, base first
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
 
 
 class RestoreJob:
@@ -52,9 +55,25 @@ class RestoreJob:
         self.opts = opts
         self.cancel = cancel
         self.input = Path(opts.input)
-        self.output = Path(opts.output)
+        self.remote = Remote(opts.uri, opts.remote)
+        self.host: Host = LOCAL
+        if self.remote.is_remote:
+            if not os.path.isabs(opts.output):
+                raise UsageError(
+                    f"-o {opts.output}: a restore to {self.remote.uri.host} needs an absolute "
+                    "folder on that host"
+                )
+            self.output = os.path.normpath(opts.output)
+        else:
+            self.output = str(Path(opts.output).resolve())
 
     def run(self) -> list[Path]:
+        try:
+            return self._run()
+        finally:
+            self.host.close()
+
+    def _run(self) -> list[Path]:
         files = scan(self.input)
         if self.opts.disk:
             files = [f for f in files if f.disk == self.opts.disk]
@@ -89,19 +108,22 @@ class RestoreJob:
         names: dict[str, str],
         hypervisor: Hypervisor | None,
     ) -> list[Path]:
-        self.output.mkdir(parents=True, exist_ok=True)
+        if self.remote.is_remote:
+            self.host = self.remote.host()
+            log.info("restoring to %s on %s", self.output, self.host.name)
+        self.host.makedirs(self.output)
         restored: dict[str, tuple[str, str]] = {}
         for position, (disk, chain) in enumerate(disk_chains.items()):
-            image = self.output / names[disk]
+            image = os.path.join(self.output, names[disk])
             if chain[0].meta is None:
                 if not self.opts.raw:
                     log.info("skipping raw image %s of disk %s: use --raw", chain[0].name, disk)
                     continue
                 self._restore_raw(chain[0], image)
-                restored[disk] = (str(image.resolve()), "raw")
+                restored[disk] = (image, "raw")
             else:
                 self._restore_stream(disk, chain, image, position)
-                restored[disk] = (str(image.resolve()), "qcow2")
+                restored[disk] = (image, "qcow2")
         if config is not None:
             self._restore_config(config, restored, hypervisor)
         elif hypervisor is not None:
@@ -122,21 +144,21 @@ class RestoreJob:
             base = os.path.basename(path)
             for saved in (self.input / f"{base}.{ident}", self.input / base):
                 if saved.is_file():
-                    dest = self.output / base
-                    if not dest.exists():
-                        shutil.copyfile(saved, dest)
-                    boot[path] = str(dest.resolve())
+                    dest = os.path.join(self.output, base)
+                    if not self.host.exists(dest):
+                        self.host.put(str(saved), dest)
+                    boot[path] = dest
                     log.info("restored boot file %s", dest)
                     break
-        target = self.output / config.name
+        target = os.path.join(self.output, config.name)
         if not (self.opts.adjust_config or self.opts.define):
-            target.write_text(text)
+            self.host.write_bytes(target, text.encode())
             log.info("copied domain configuration %s", config.name)
             return
         original = ET.fromstring(text).findtext("name") or "domain"
         name = self.opts.name or f"restore_{original}"
         adjusted = adjust_config(text, name=name, images=images, boot=boot)
-        target.write_text(adjusted)
+        self.host.write_bytes(target, adjusted.encode())
         log.info("adjusted domain configuration written to %s", target)
         if hypervisor is not None:
             hypervisor.define(adjusted)
@@ -167,17 +189,49 @@ class RestoreJob:
                 return candidate
         return None
 
-    def _restore_raw(self, source: DataFile, image: Path) -> None:
-        partial = _claim(image)
+    def _restore_raw(self, source: DataFile, image: str) -> None:
+        partial = self._claim(image)
         try:
-            qemu.convert_raw(str(source.path), str(partial))
-            _finish(partial, image)
+            if self.host.is_remote:
+                size = source.path.stat().st_size
+                qemu.create_image(partial, size, "raw", host=self.host)
+                with self._serve(partial, "raw") as address:
+                    qemu.convert_raw_to_nbd(str(source.path), address)
+            else:
+                qemu.convert_raw(str(source.path), partial)
+            self.host.commit(partial, image)
         except BaseException:
-            partial.unlink(missing_ok=True)
+            self._discard(partial)
             raise
         log.info("disk %s: copied raw image to %s", source.disk, image)
 
-    def _restore_stream(self, disk: str, chain: list[DataFile], image: Path, position: int) -> None:
+    def _serve(self, image: str, fmt: str) -> AbstractContextManager[NbdAddress]:
+        """qemu-nbd for an image being restored: a unix socket here, TCP on a
+        remote host."""
+        remote = self.remote.is_remote
+        return qemu.nbd_server(
+            image,
+            fmt,
+            host=self.host,
+            tcp=self.remote.nbd_address() if remote else None,
+            bind=self.remote.bind_address() if remote else None,
+        )
+
+    def _claim(self, image: str) -> str:
+        """The ``.partial`` path to build ``image`` in; never replace an image."""
+        if self.host.exists(image):
+            raise TargetError(f"{image} exists already; remove it or restore to another folder")
+        partial = image + PARTIAL_SUFFIX
+        self.host.remove(partial)
+        return partial
+
+    def _discard(self, partial: str) -> None:
+        try:
+            self.host.remove(partial)
+        except (OSError, VirtnbdError) as err:
+            log.warning("cannot remove %s: %s", partial, err)
+
+    def _restore_stream(self, disk: str, chain: list[DataFile], image: str, position: int) -> None:
         base = chain[0]
         assert base.meta is not None
         options: list[str] = []
@@ -188,17 +242,17 @@ class RestoreJob:
             log.warning("disk %s: no image information saved; using qemu-img defaults", disk)
         if self.opts.preallocate:
             options.append("preallocation=metadata")
-        partial = _claim(image)
+        partial = self._claim(image)
         # QEMU writes a compressed cluster only once, but a chain overwrites clusters:
         # replay into a plain working copy, then let qemu-img compress it.
-        work = image.with_name(image.name + ".uncompressed" + PARTIAL_SUFFIX)
+        work = image + ".uncompressed" + PARTIAL_SUFFIX
         replay_into = work if self.opts.compress else partial
         started = time.monotonic()
         total = sum(f.meta.data_size for f in chain if f.meta)
         try:
-            qemu.create_image(str(replay_into), base.meta.virtual_size, "qcow2", options)
+            qemu.create_image(replay_into, base.meta.virtual_size, "qcow2", options, self.host)
             with (
-                qemu.nbd_server(str(replay_into)) as socket,
+                self._serve(replay_into, "qcow2") as address,
                 tqdm(
                     total=total,
                     unit="B",
@@ -209,7 +263,7 @@ class RestoreJob:
                     disable=not self.opts.progress,
                 ) as bar,
             ):
-                client = NbdClient.connect_unix(socket, wait=10)
+                client = NbdClient.connect(address, wait=10)
                 try:
                     for index, data_file in enumerate(chain):
                         log.info("disk %s: applying %s", disk, data_file.name)
@@ -222,13 +276,14 @@ class RestoreJob:
                     client.close()
             if self.opts.compress:
                 log.info("disk %s: compressing the restored image", disk)
-                qemu.convert_compressed(str(work), str(partial), options)
-            _finish(partial, image)
+                qemu.convert_compressed(work, partial, options, self.host)
+            self.host.commit(partial, image)
         except BaseException:
-            partial.unlink(missing_ok=True)
+            self._discard(partial)
             raise
         finally:
-            work.unlink(missing_ok=True)
+            if self.opts.compress:
+                self._discard(work)
         seconds = time.monotonic() - started
         log.info(
             "disk %s: restored %s (%.1f MiB of data in %.2f s, %.1f MiB/s)",
@@ -263,25 +318,6 @@ class RestoreJob:
                 yield offset, chunk
                 offset += len(chunk)
                 bar.update(len(chunk))
-
-
-def _claim(image: Path) -> Path:
-    """The ``.partial`` path to build ``image`` in; never replace an image."""
-    if image.exists():
-        raise TargetError(f"{image} exists already; remove it or restore to another folder")
-    partial = image.with_name(image.name + PARTIAL_SUFFIX)
-    partial.unlink(missing_ok=True)
-    return partial
-
-
-def _finish(partial: Path, image: Path) -> None:
-    fd = os.open(partial, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(partial, image)
-    fsync_dir(image.parent)
 
 
 def dump(folder: str) -> list[dict[str, object]]:

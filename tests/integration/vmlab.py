@@ -75,11 +75,13 @@ def run_tool(
     cwd: Path | None = None,
     stdout: object = None,
     timeout: float = 600,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run one of our commands as a user would, capturing its output."""
     return subprocess.run(
         [str(BIN / tool), *[str(a) for a in args]],
         cwd=cwd,
+        env=env,
         text=True,
         timeout=timeout,
         stdout=stdout if stdout is not None else subprocess.PIPE,  # type: ignore[arg-type]

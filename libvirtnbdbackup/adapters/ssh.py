@@ -1,0 +1,148 @@
+"""A hypervisor host reached with the OpenSSH client.
+
+Commands run through ``ssh`` in batch mode (keys or an agent, never a
+password prompt), so the user's ``~/.ssh/config`` and ``known_hosts``
+apply as for any other ssh command. Files travel over the same channel.
+
+Short commands share one connection (an OpenSSH control master, closed by
+:meth:`SshHost.close`) instead of paying a handshake each; long-running
+ones (servers) get their own, as sshd limits the sessions per connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import IO
+
+from ..errors import SshError
+
+log = logging.getLogger(__name__)
+
+SSH_FAILED = 255  # ssh's own exit code: the connection, not the command, failed
+CONTROL_PERSIST = 60  # seconds a shared connection outlives its last use
+
+# Run remotely as ``sh -c SCRIPT sh ARG...``: the paths are never re-parsed.
+_UPLOAD = 'cat > "$1.partial" && sync -- "$1.partial" && mv -- "$1.partial" "$1"'
+_COMMIT = 'sync -- "$1" && mv -- "$1" "$2" && sync -- "$(dirname -- "$2")"'
+
+
+@dataclass(frozen=True)
+class SshHost:
+    host: str
+    user: str | None = None
+    port: int | None = None
+    key: str | None = None  # private key file
+    control_path: str | None = None  # socket of the shared connection
+
+    @property
+    def name(self) -> str:
+        return self.host
+
+    @property
+    def is_remote(self) -> bool:
+        return True
+
+    @property
+    def login(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    def ssh_argv(self, *, dedicated: bool = False, control: str | None = None) -> list[str]:
+        """ssh and its options up to the host; ``control`` is a -O command
+        for the shared connection."""
+        argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30"]
+        if control:
+            argv += ["-O", control]
+        if self.control_path and not dedicated:
+            argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_path}"]
+            argv += ["-o", f"ControlPersist={CONTROL_PERSIST}"]
+        if self.port:
+            argv += ["-p", str(self.port)]
+        if self.key:
+            argv += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
+        if self.user:
+            argv += ["-l", self.user]
+        return [*argv, "--", self.host]
+
+    def command(self, argv: list[str], *, dedicated: bool = False) -> list[str]:
+        return [*self.ssh_argv(dedicated=dedicated), shlex.join(argv)]
+
+    def close(self) -> None:
+        """End the shared connection, if one was opened."""
+        if not self.control_path:
+            return
+        if os.path.exists(self.control_path):
+            subprocess.run(
+                self.ssh_argv(control="exit"), capture_output=True, check=False, timeout=30
+            )
+        shutil.rmtree(os.path.dirname(self.control_path), ignore_errors=True)
+
+    def check(self) -> None:
+        """Fail early, with the reason, when the host cannot be reached."""
+        self._run(["true"], "run a command")
+
+    def exists(self, path: str) -> bool:
+        proc = self._run(["test", "-e", path], f"look for {path}", ok=(0, 1))
+        return proc.returncode == 0
+
+    def remove(self, path: str) -> None:
+        self._run(["rm", "-f", "--", path], f"remove {path}")
+
+    def makedirs(self, path: str) -> None:
+        self._run(["mkdir", "-p", "--", path], f"create folder {path}")
+
+    def commit(self, partial: str, final: str) -> None:
+        self._run(["sh", "-c", _COMMIT, "sh", partial, final], f"complete {final}")
+
+    def fetch(self, path: str, dest: str) -> None:
+        with open(dest, "wb") as out:
+            self._run(["cat", "--", path], f"copy {path}", stdout=out)
+
+    def put(self, source: str, path: str) -> None:
+        with open(source, "rb") as src:
+            self._run(["sh", "-c", _UPLOAD, "sh", path], f"write {path}", stdin=src)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._run(["sh", "-c", _UPLOAD, "sh", path], f"write {path}", data=data)
+
+    def _run(
+        self,
+        argv: list[str],
+        what: str,
+        *,
+        ok: tuple[int, ...] = (0,),
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        data: bytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        cmd = self.command(argv)
+        log.debug("running %s", shlex.join(cmd))
+        try:
+            proc = subprocess.run(
+                cmd,
+                input=data,
+                stdin=stdin if data is None else None,
+                stdout=stdout if stdout is not None else subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise SshError("ssh is not installed (install openssh-client)") from None
+        if proc.returncode in ok:
+            return proc
+        detail = proc.stderr.decode(errors="replace").strip().splitlines()
+        reason = detail[-1] if detail else f"exit {proc.returncode}"
+        if proc.returncode == SSH_FAILED:
+            raise SshError(unreachable(self.login, reason))
+        raise SshError(f"{self.host}: cannot {what}: {reason}")
+
+
+def unreachable(login: str, reason: str) -> str:
+    return (
+        f"cannot reach {login} over SSH: {reason} (log in once with ssh to accept the host "
+        "key; check --ssh-user, --ssh-port and --ssh-private-key)"
+    )
