@@ -126,17 +126,6 @@ class NbdClient:
                     ) from None
                 time.sleep(0.05)
 
-    @classmethod
-    def connect_unix(
-        cls,
-        socket: str,
-        export: str = "",
-        contexts: Iterable[str] = (),
-        *,
-        wait: float = 0.0,
-    ) -> NbdClient:
-        return cls.connect(NbdAddress(socket=socket), export, contexts, wait=wait)
-
     def can_meta_context(self, context: str) -> bool:
         return bool(self._h.can_meta_context(context))
 

@@ -66,3 +66,13 @@ def fresh_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
     lab = create_vm(conn, [VDA, VDB, VDC_RAW])
     yield lab
     remove_vm(lab)
+
+
+@pytest.fixture()
+def uefi_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
+    """A running VM booting UEFI: a loader and an NVRAM file to back up."""
+    lab = create_vm(
+        conn, [DiskSpec("vda", 1 * GiB, writes=["write -P 0x21 0 1M"])], cdrom=False, uefi=True
+    )
+    yield lab
+    remove_vm(lab)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
-import pytest
 
-from .vmlab import OVMF_CODE, DiskSpec, GiB, LabVM, create_vm, remove_vm, run_tool
+from .vmlab import OVMF_CODE, LabVM, run_tool
 
 
 def test_missing_domain_fails_with_exit_1(conn: libvirt.virConnect, tmp_path: Path) -> None:
@@ -26,15 +24,6 @@ def test_unreachable_libvirtd_fails_with_exit_1(tmp_path: Path) -> None:
     proc = run_tool("virtnbdbackup", "-U", uri, "-d", "any", "-l", "copy", "-o", tmp_path / "b")
     assert proc.returncode == 1
     assert "cannot connect to libvirt at" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.fixture()
-def uefi_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
-    lab = create_vm(
-        conn, [DiskSpec("vda", 1 * GiB, writes=["write -P 0x21 0 1M"])], cdrom=False, uefi=True
-    )
-    yield lab
-    remove_vm(lab)
 
 
 def test_loader_and_nvram_are_saved(uefi_vm: LabVM, tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +25,6 @@ from .vmlab import (
     NAME_PREFIX,
     OVMF_CODE,
     DiskSpec,
-    GiB,
     LabVM,
     MiB,
     create_vm,
@@ -189,11 +191,12 @@ def test_tls_backup_offline_backup_and_restore(
     log = remote_backup(sshd, vm, offline, "copy", "--tls", "--tls-cert", str(tls_dir))
     assert "tls-creds-x509" in log and "(TLS)" in log
 
-    for backup in (out, offline):
+    for backup, extra in ((out, []), (offline, ["--compress"])):
         dest = vm.folder / f"restored-{backup.name}"
-        log = remote_restore(sshd, backup, dest, "--tls", "--tls-cert", str(tls_dir))
+        log = remote_restore(sshd, backup, dest, "--tls", "--tls-cert", str(tls_dir), *extra)
         assert "tls-creds-x509" in log
         assert images_identical(vm.images["vda"], next(dest.glob("*.qcow2")))
+    assert not list(vm.folder.glob("restored-*/*.partial"))
 
 
 def test_wrong_or_missing_certificates_fail_clearly(
@@ -237,15 +240,6 @@ def test_wrong_or_missing_certificates_fail_clearly(
     assert proc.returncode == 1 and "with a local URI" in proc.stderr
 
 
-@pytest.fixture()
-def uefi_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
-    lab = create_vm(
-        conn, [DiskSpec("vda", 1 * GiB, writes=["write -P 0x21 0 1M"])], cdrom=False, uefi=True
-    )
-    yield lab
-    remove_vm(lab)
-
-
 def test_remote_restore_copies_boot_files_and_defines_the_domain(
     conn: libvirt.virConnect, uefi_vm: LabVM, sshd: SshServer, tmp_path: Path
 ) -> None:
@@ -284,3 +278,50 @@ def test_unreachable_ssh_fails_before_any_data_moves(
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert errors and "cannot reach root@127.0.0.1 over SSH" in errors[-1]
     assert not list(out.glob("*.data")) and small_vm.checkpoints() == []
+
+
+SERVE_UNTIL_KILLED = """
+import sys, time
+from libvirtnbdbackup.adapters import qemu
+from libvirtnbdbackup.jobs.remote import Remote, RemoteOptions
+remote = Remote(sys.argv[1], RemoteOptions(nbd_port=int(sys.argv[3])))
+host = remote.host()
+with qemu.nbd_server(sys.argv[2], readonly=True, host=host, tcp=remote.nbd_address(),
+                     bind=remote.bind_address()):
+    print("serving", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_remote_qemu_nbd_stops_when_we_are_killed(
+    small_vm: LabVM, sshd: SshServer, tmp_path: Path
+) -> None:
+    """No client ever connects, and we die without cleaning up: the remote
+    qemu-nbd still goes, as its SSH session ends with us."""
+    vm = small_vm
+    vm.dom.destroy()
+    image = vm.images["vda"]
+    # Where the killed process leaves its SSH control socket folder.
+    scratch = Path(tempfile.mkdtemp(prefix="vnbt-", dir="/var/tmp"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_UNTIL_KILLED, sshd.uri, str(image), str(free_ports())],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**sshd.env, "TMPDIR": str(scratch)},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "serving"
+        assert qemu_nbd_serving(vm.folder)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    deadline = time.monotonic() + 15
+    while qemu_nbd_serving(vm.folder) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not qemu_nbd_serving(vm.folder)
+    for master in scratch.glob("*/master"):  # the shared connection would idle out; end it now
+        subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={master}", "127.0.0.1"],
+                       env=sshd.env, capture_output=True)  # fmt: skip
+    shutil.rmtree(scratch, ignore_errors=True)
