@@ -114,6 +114,17 @@ def test_remote_full_inc_backup_and_restore(small_vm: LabVM, sshd: SshServer, tm
     assert sshd.connections() == 0
 
 
+def test_remote_raw_disk_backup_and_restore(vm: LabVM, sshd: SshServer, tmp_path: Path) -> None:
+    out = tmp_path / "backup"
+    remote_backup(sshd, vm, out, "copy", "-i", "vdc", "--raw")
+    dest = vm.folder / "remote-raw"
+    log = remote_restore(sshd, out, dest, "--raw")
+    assert "--target-image-opts" in log  # written into the remote qemu-nbd
+    restored = dest / vm.images["vdc"].name
+    assert images_identical(vm.images["vdc"], restored)
+    assert restored.stat().st_blocks * 512 < 8 * MiB  # still sparse: 1 MiB of data
+
+
 def test_remote_offline_backup_serves_each_disk_on_its_own_port(
     two_disk_vm: LabVM, sshd: SshServer, tmp_path: Path
 ) -> None:
