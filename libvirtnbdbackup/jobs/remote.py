@@ -24,6 +24,9 @@ from ..errors import UsageError
 DEFAULT_TLS_DIR = "/etc/pki/qemu"
 CLIENT_TLS_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
 SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
+# ssh adds a random suffix to the control socket's path while creating it;
+# a unix socket path has at most 107 bytes.
+MAX_CONTROL_PATH = 80
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,13 @@ class Remote:
         caller closes it."""
         if not self.uri.is_remote:
             return LOCAL
-        control = os.path.join(tempfile.mkdtemp(prefix="virtnbdbackup-ssh."), "master")
-        host = dataclasses.replace(self.ssh_host(), control_path=control)
+        folder = tempfile.mkdtemp(prefix="virtnbdbackup-ssh.")
+        control = os.path.join(folder, "master")
+        if len(control) > MAX_CONTROL_PATH:  # a long TMPDIR: no shared connection
+            os.rmdir(folder)
+            host = self.ssh_host()
+        else:
+            host = dataclasses.replace(self.ssh_host(), control_path=control)
         try:
             host.check()
         except BaseException:
