@@ -241,6 +241,17 @@ def test_wrong_or_missing_certificates_fail_clearly(
     assert proc.returncode == 1 and "TLS certificate check failed" in proc.stderr, proc.stderr
     assert not list(dest.glob("*.qcow2*")) and not qemu_nbd_serving(dest)
 
+    # The hypervisor's end lacks its server certificate: qemu-nbd says which file.
+    client_only = tmp_path / "client-only"
+    client_only.mkdir()
+    for pem in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        shutil.copy(tls_dir / pem, client_only)
+    proc = remote_tool(sshd, "virtnbdrestore", "-i", plain, "-o", dest, "--tls", "--tls-cert",
+                       client_only, port=free_ports())  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert proc.returncode == 1 and errors and "server-cert.pem" in errors[-1], proc.stderr
+    assert not list(dest.glob("*.qcow2*")) and not qemu_nbd_serving(dest)
+
     proc = remote_tool(sshd, "virtnbdbackup", "-d", vm.name, "-l", "copy", "-o",
                        tmp_path / "none", "--tls", "--tls-cert", tmp_path / "nowhere")  # fmt: skip
     assert proc.returncode == 1
