@@ -19,6 +19,7 @@ import libvirt
 import pytest
 
 from libvirtnbdbackup.adapters.domainxml import parse_disks
+from libvirtnbdbackup.format.reader import read_meta
 
 from .remotelab import SshServer, free_ports, make_pki, qemu_pki, ssh_server
 from .vmlab import (
@@ -33,6 +34,7 @@ from .vmlab import (
     images_identical,
     remove_vm,
     run_tool,
+    sh,
 )
 
 
@@ -112,6 +114,23 @@ def test_remote_full_inc_backup_and_restore(small_vm: LabVM, sshd: SshServer, tm
     vm.dom.resume()
     assert not qemu_nbd_serving(dest)
     assert sshd.connections() == 0
+
+
+def test_remote_offline_inc_reads_the_bitmap_over_ssh(
+    small_vm: LabVM, sshd: SshServer, tmp_path: Path
+) -> None:
+    vm = small_vm
+    out = tmp_path / "backup"
+    remote_backup(sshd, vm, out, "full")
+    vm.dom.destroy()  # QEMU stores the bitmap in the image as it quits
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x4e 40M 3M", vm.images["vda"])
+    log = remote_backup(sshd, vm, out, "inc")
+    assert "--bitmap virtnbdbackup.0" in log  # the remote qemu-nbd exposes it
+    offline = list(out.glob("vda.inc.virtnbdbackup.0.*.data"))
+    assert len(offline) == 1 and read_meta(str(offline[0])).data_size == 3 * MiB
+    dest = vm.folder / "remote-restore"
+    remote_restore(sshd, out, dest)
+    assert images_identical(vm.images["vda"], next(dest.glob("*.qcow2")))
 
 
 def test_remote_raw_disk_backup_and_restore(vm: LabVM, sshd: SshServer, tmp_path: Path) -> None:
