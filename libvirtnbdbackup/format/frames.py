@@ -17,6 +17,9 @@ MAX_JSON_SIZE = 64 * 1024 * 1024
 _HEADER = re.compile(rb"(.{4}) ([0-9a-fA-F]{16}) ([0-9a-fA-F]{16})", re.DOTALL)
 # Largest NBD request, and the piece size of compressed data frames.
 MAX_REQUEST_SIZE = 32 * 1024 * 1024
+# A trailer entry: the compressed size of a one-piece extent, or
+# {"<total compressed size>": [size of each piece]}.
+TrailerEntry = int | dict[str, list[int]]
 
 
 class Kind(Enum):

@@ -13,9 +13,16 @@ import lz4.frame
 
 from ..errors import StreamError
 from . import frames
-from .frames import HEADER_SIZE, MAX_JSON_SIZE, MAX_REQUEST_SIZE, TERMINATOR, Header, Kind
+from .frames import (
+    HEADER_SIZE,
+    MAX_JSON_SIZE,
+    MAX_REQUEST_SIZE,
+    TERMINATOR,
+    Header,
+    Kind,
+    TrailerEntry,
+)
 from .meta import StreamMeta
-from .writer import TrailerEntry
 
 CHUNK_SIZE = 4 * 1024 * 1024
 
@@ -56,6 +63,16 @@ class StreamReader:
             self._trailer = self._read_trailer()
         self._unread: Frame | None = None
         self._data_frames_read = 0
+
+    @property
+    def trailer(self) -> list[TrailerEntry]:
+        """The compression trailer: one entry per data frame (empty uncompressed)."""
+        return self._trailer
+
+    @property
+    def position(self) -> int:
+        """Offset in the file of the next frame header."""
+        return self._pos
 
     def frames(self) -> Iterator[Frame]:
         data_size = 0

@@ -20,13 +20,11 @@ import lz4.frame
 
 from ..errors import StreamError
 from . import frames
-from .frames import MAX_REQUEST_SIZE, TERMINATOR, Kind
+from .frames import HEADER_SIZE, MAX_REQUEST_SIZE, TERMINATOR, Kind, TrailerEntry
+from .index import FINGERPRINT_SPAN, Extent, FileIndex, fingerprint_of
 from .meta import StreamMeta
 
 Buffer = bytes | bytearray | memoryview
-# A trailer entry: the compressed size of a one-piece extent, or
-# {"<total compressed size>": [size of each piece]}.
-TrailerEntry = int | dict[str, list[int]]
 
 
 def compress_piece(data: Buffer, level: int) -> bytes:
@@ -48,17 +46,27 @@ class _PendingPiece:
 
 
 class ChecksumWriter:
-    """Pass writes through to a binary file, keeping their Adler-32."""
+    """Pass writes through to a binary file, keeping their Adler-32 and the
+    first and last bytes written (the index fingerprint)."""
 
     def __init__(self, raw: BinaryIO) -> None:
         self.raw = raw
         self.adler32 = 1
         self.written = 0
+        self.head = bytearray()
+        self.tail = bytearray()
 
     def write(self, data: Buffer) -> None:
         self.raw.write(data)
         self.adler32 = zlib.adler32(data, self.adler32)
         self.written += len(data)
+        if len(self.head) < FINGERPRINT_SPAN:
+            self.head += memoryview(data)[: FINGERPRINT_SPAN - len(self.head)]
+        if len(data) >= FINGERPRINT_SPAN:
+            self.tail = bytearray(memoryview(data)[-FINGERPRINT_SPAN:])
+        else:
+            self.tail += data
+            del self.tail[: max(0, len(self.tail) - FINGERPRINT_SPAN)]
 
 
 class StreamWriter:
@@ -91,7 +99,10 @@ class StreamWriter:
         self._pieces: list[tuple[int, list[int]]] = []
         self._next_offset = 0
         self._data_size = 0
+        # Extent frames in file order, for the index: (kind, start, length).
+        self._frames: list[tuple[Kind, int, int]] = []
         doc = json.dumps(meta.to_json(), indent=4).encode()
+        self._meta_bytes = HEADER_SIZE + len(doc) + len(TERMINATOR)
         self._emit(frames.encode(Kind.META, 0, len(doc)) + doc + TERMINATOR)
 
     @property
@@ -100,11 +111,13 @@ class StreamWriter:
 
     def zero(self, offset: int, length: int) -> None:
         self._check_order(offset, length)
+        self._frames.append((Kind.ZERO, offset, length))
         self._emit(frames.encode(Kind.ZERO, offset, length))
 
     def data(self, offset: int, length: int, chunks: Iterable[Buffer]) -> None:
         """One data frame of ``length`` bytes at ``offset``, from ``chunks``."""
         self._check_order(offset, length)
+        self._frames.append((Kind.DATA, offset, length))
         self._emit(frames.encode(Kind.DATA, offset, length))
         if self._level is None:
             got = 0
@@ -137,6 +150,35 @@ class StreamWriter:
     @property
     def bytes_written(self) -> int:
         return self._out.written
+
+    def index(self, file_name: str) -> FileIndex:
+        """The extent index of the file written; call after ``finish()``."""
+        extents = []
+        position = self._meta_bytes
+        pieces = iter(self._pieces)
+        for kind, start, length in self._frames:
+            position += HEADER_SIZE
+            if kind is Kind.ZERO:
+                extents.append(Extent(start, length, -1))
+                continue
+            if self._level is None:
+                extents.append(Extent(start, length, position))
+                position += length
+            else:
+                _length, sizes = next(pieces)
+                piece = self._max_piece if length >= self._max_piece else length
+                unpacked = [min(piece, length - i * piece) for i in range(len(sizes))]
+                extents.append(Extent(start, length, position, tuple(zip(sizes, unpacked, strict=True))))
+                position += sum(sizes)
+            position += len(TERMINATOR)
+        return FileIndex(
+            data_file=file_name,
+            file_size=self._out.written,
+            fingerprint=fingerprint_of(bytes(self._out.head), bytes(self._out.tail)),
+            virtual_size=self._meta.virtual_size,
+            compressed=self._level is not None,
+            extents=extents,
+        )
 
     def _check_order(self, offset: int, length: int) -> None:
         if offset < self._next_offset or length <= 0:

@@ -21,6 +21,7 @@ from ..adapters.nbdclient import (
     bitmap_context,
 )
 from ..errors import Interrupted, NbdError, TargetError
+from ..format.index import FileIndex, index_path
 from ..format.meta import StreamMeta
 from ..format.writer import StreamWriter
 from ..targets.base import Target
@@ -164,17 +165,22 @@ class DiskBackup:
             sink = self.target.open_data(self.plan.file_name)
             try:
                 chunks = self._chunks(regions, bar)
+                index = None
                 if self.plan.raw_output:
                     written = self._write_raw(sink.file, regions, chunks)
                     checksum = None
                 else:
-                    written, checksum = self._write_stream(sink.file, regions, data_size, chunks)
+                    written, checksum, index = self._write_stream(
+                        sink.file, regions, data_size, chunks
+                    )
                 sink.commit()
             except BaseException:
                 sink.abort()
                 raise
         if checksum is not None:
             self.target.write_file(f"{self.plan.file_name}.chksum", str(checksum).encode())
+        if index is not None:
+            self.target.write_file(index_path(self.plan.file_name), index.to_bytes())
         seconds = time.monotonic() - started
         log.info(
             "disk %s: saved %s (%.1f MiB of data in %.2f s, %.1f MiB/s)",
@@ -202,7 +208,7 @@ class DiskBackup:
         regions: list[Region],
         data_size: int,
         chunks: Iterator[tuple[int, bytearray]],
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, FileIndex]:
         meta = StreamMeta(
             virtual_size=self.client.size,
             data_size=data_size,
@@ -226,7 +232,7 @@ class DiskBackup:
             else:
                 writer.zero(region.offset, region.length)
         checksum = writer.finish()
-        return writer.bytes_written, checksum
+        return writer.bytes_written, checksum, writer.index(self.plan.file_name)
 
     def _write_raw(
         self, fh: object, regions: list[Region], chunks: Iterator[tuple[int, bytearray]]

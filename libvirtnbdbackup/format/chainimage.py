@@ -1,0 +1,228 @@
+"""A disk image read straight from a chain of data files, at random offsets.
+
+The files are given oldest first (full or copy, then incrementals and a
+differential in chain order). One merged extent map says, for every byte of
+the disk, which file holds its newest version: ranges no file holds, and
+``zero`` frames, read as zeroes (a zero frame of an incremental overrides
+older data; in a full or copy it is a hole). Compressed extents are
+decompressed one LZ4 piece at a time, with a bounded cache of pieces.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lz4.frame
+
+from ..errors import StreamError
+from .index import Extent, FileIndex, open_index
+
+DEFAULT_CACHE = 256 * 1024 * 1024
+_ZEROES = bytes(1024 * 1024)
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    end: int
+    layer: int  # index of the file in the chain; -1 where the disk reads as zero
+    extent: Extent | None  # the data extent holding the bytes; None for zeroes
+
+
+def merge_layers(indexes: list[FileIndex], size: int) -> list[Segment]:
+    """The newest extent at every offset of the disk, as contiguous segments.
+
+    A sweep over the extent boundaries with a heap of the extents covering
+    the current point, newest layer on top (each file's extents are sorted
+    and disjoint, so at most one per layer is active).
+    """
+    per_layer = [[(e.start, layer, e) for e in idx.extents] for layer, idx in enumerate(indexes)]
+    starts = heapq.merge(*per_layer, key=lambda item: item[0])
+    bounds = sorted(
+        {0, size} | {b for idx in indexes for e in idx.extents for b in (e.start, e.start + e.length)}
+    )
+    pending = next(starts, None)
+    active: list[tuple[int, int, int, Extent]] = []  # (-layer, end, tiebreak, extent)
+    segments: list[Segment] = []
+    for here, following in zip(bounds, bounds[1:], strict=False):
+        while pending is not None and pending[0] == here:
+            _start, layer, extent = pending
+            heapq.heappush(active, (-layer, extent.start + extent.length, id(extent), extent))
+            pending = next(starts, None)
+        while active and active[0][1] <= here:
+            heapq.heappop(active)
+        if active and not active[0][3].is_zero:
+            layer, extent = -active[0][0], active[0][3]
+            segment = Segment(here, following, layer, extent)
+        else:
+            segment = Segment(here, following, -1, None)
+        last = segments[-1] if segments else None
+        if last is not None and last.extent is segment.extent and last.layer == segment.layer:
+            segments[-1] = Segment(last.start, following, last.layer, last.extent)
+        else:
+            segments.append(segment)
+    return segments
+
+
+class PieceCache:
+    """Decompressed LZ4 pieces, least recently used dropped beyond ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._pieces: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        with self._lock:
+            piece = self._pieces.get(key)
+            if piece is not None:
+                self._pieces.move_to_end(key)
+            return piece
+
+    def put(self, key: tuple[int, int], piece: bytes) -> None:
+        with self._lock:
+            if key in self._pieces or len(piece) > self.limit:
+                return
+            self._pieces[key] = piece
+            self._bytes += len(piece)
+            while self._bytes > self.limit:
+                _key, dropped = self._pieces.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+class ChainImage:
+    """Read-only view of the disk that a chain of data files restores to."""
+
+    def __init__(self, paths: list[str], cache_bytes: int = DEFAULT_CACHE) -> None:
+        if not paths:
+            raise StreamError("no data files to serve")
+        self.paths = paths
+        self._fds: list[int] = []
+        try:
+            indexes = []
+            for path in paths:
+                with open(path, "rb") as fh:
+                    indexes.append(open_index(path, fh))
+                    self._fds.append(os.dup(fh.fileno()))
+        except OSError as err:
+            self.close()
+            raise StreamError(f"cannot open {err.filename}: {err.strerror}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.size = indexes[0].virtual_size
+        for path, idx in zip(paths, indexes, strict=True):
+            if idx.virtual_size != self.size:
+                self.close()
+                raise StreamError(
+                    f"{path}: disk size {idx.virtual_size} differs from {paths[0]}'s {self.size}"
+                )
+        self.segments = merge_layers(indexes, self.size)
+        self._starts = [s.start for s in self.segments]
+        self._cache = PieceCache(cache_bytes)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def _segments_from(self, offset: int) -> Iterator[Segment]:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        while i < len(self.segments):
+            yield self.segments[i]
+            i += 1
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` with the disk's bytes from ``offset``."""
+        end = offset + len(buf)
+        if offset < 0 or end > self.size:
+            raise StreamError(f"read {offset}+{len(buf)} beyond the disk size {self.size}")
+        pos = offset
+        for seg in self._segments_from(offset):
+            if pos >= end:
+                break
+            take = min(seg.end, end) - pos
+            out = buf[pos - offset : pos - offset + take]
+            if seg.extent is None:
+                for i in range(0, take, len(_ZEROES)):
+                    n = min(len(_ZEROES), take - i)
+                    out[i : i + n] = _ZEROES[:n]
+            elif not seg.extent.pieces:
+                self._pread(seg.layer, out, seg.extent.offset + pos - seg.extent.start)
+            else:
+                self._read_packed(seg.layer, seg.extent, pos - seg.extent.start, out)
+            pos += take
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.read_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, reads as zero) runs covering ``offset``..``offset+length``."""
+        end = min(offset + length, self.size)
+        runs: list[tuple[int, int, bool]] = []
+        for seg in self._segments_from(offset):
+            if seg.start >= end:
+                break
+            start = max(seg.start, offset)
+            runs.append((start, min(seg.end, end) - start, seg.extent is None))
+        return runs
+
+    def _pread(self, layer: int, out: memoryview, position: int) -> None:
+        while out:
+            n = os.preadv(self._fds[layer], [out], position)
+            if n <= 0:
+                raise StreamError(
+                    f"{self.paths[layer]}: file ends at offset {position} inside a data frame "
+                    "(the file is truncated)"
+                )
+            out, position = out[n:], position + n
+
+    def _read_packed(self, layer: int, extent: Extent, skip: int, out: memoryview) -> None:
+        """Copy ``len(out)`` bytes from ``skip`` bytes into a compressed extent."""
+        position = extent.offset
+        base = 0
+        done = 0
+        for packed, unpacked in extent.pieces:
+            if skip + done < base + unpacked and done < len(out):
+                piece = self._piece(layer, position, packed, unpacked)
+                first = skip + done - base
+                n = min(unpacked - first, len(out) - done)
+                out[done : done + n] = piece[first : first + n]
+                done += n
+            position += packed
+            base += unpacked
+        if done != len(out):
+            raise StreamError(
+                f"{self.paths[layer]}: compressed extent at {extent.start} is shorter than "
+                "its index says"
+            )
+
+    def _piece(self, layer: int, position: int, packed: int, unpacked: int) -> bytes:
+        key = (layer, position)
+        piece = self._cache.get(key)
+        if piece is not None:
+            return piece
+        raw = bytearray(packed)
+        self._pread(layer, memoryview(raw), position)
+        try:
+            piece = lz4.frame.decompress(raw)
+        except RuntimeError as err:
+            raise StreamError(
+                f"{self.paths[layer]} at offset {position}: compressed data is damaged: {err}"
+            ) from None
+        if len(piece) != unpacked:
+            raise StreamError(
+                f"{self.paths[layer]} at offset {position}: piece decompresses to "
+                f"{len(piece)} bytes, the index says {unpacked}"
+            )
+        self._cache.put(key, piece)
+        return piece

@@ -1,0 +1,249 @@
+"""The extent index of a data file, kept in a side file ``<datafile>.idx``.
+
+It lists every ``data`` and ``zero`` frame with the file offset of its
+payload (and, compressed, the packed and unpacked size of each LZ4 piece),
+so a data file can be served at random offsets without walking its frames.
+The backup writes it next to the data file; a reader that finds it missing
+or stale rebuilds it by seeking from frame header to frame header, never
+reading a payload. Older readers ignore it: it is not a ``.data`` file.
+
+Staleness is told by the data file's size and a fingerprint of its first
+and last 64 KiB (meta JSON with its timestamp, and the trailer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import lz4.frame
+
+from ..errors import StreamError, TargetError
+from ..targets.directory import write_atomic
+from . import frames
+from .frames import HEADER_SIZE, TERMINATOR, Kind
+from .reader import StreamReader
+
+log = logging.getLogger(__name__)
+
+INDEX_SUFFIX = ".idx"
+INDEX_FORMAT = "virtnbdbackup-extent-index"
+INDEX_VERSION = 1
+FINGERPRINT_SPAN = 64 * 1024
+_LZ4_MAGIC = 0x184D2204
+_LZ4_CONTENT_SIZE_FLAG = 0x08
+
+
+@dataclass(frozen=True)
+class Extent:
+    start: int  # offset on the disk
+    length: int
+    offset: int  # payload offset in the data file; -1 for a zero frame
+    pieces: tuple[tuple[int, int], ...] = ()  # compressed: (packed, unpacked) sizes
+
+    @property
+    def is_zero(self) -> bool:
+        return self.offset < 0
+
+    def to_json(self) -> list[Any]:
+        if self.is_zero:
+            return [self.start, self.length]
+        if not self.pieces:
+            return [self.start, self.length, self.offset]
+        return [self.start, self.length, self.offset, [list(p) for p in self.pieces]]
+
+    @classmethod
+    def from_json(cls, item: list[Any]) -> Extent:
+        if len(item) == 2:
+            return cls(int(item[0]), int(item[1]), -1)
+        pieces = tuple((int(p), int(u)) for p, u in item[3]) if len(item) > 3 else ()
+        return cls(int(item[0]), int(item[1]), int(item[2]), pieces)
+
+
+@dataclass(frozen=True)
+class FileIndex:
+    data_file: str  # base name of the data file
+    file_size: int
+    fingerprint: str
+    virtual_size: int
+    compressed: bool
+    extents: list[Extent]
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "dataFile": self.data_file,
+            "fileSize": self.file_size,
+            "fingerprint": self.fingerprint,
+            "virtualSize": self.virtual_size,
+            "compressed": self.compressed,
+            "extents": [e.to_json() for e in self.extents],
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: str) -> FileIndex:
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != INDEX_FORMAT or doc.get("version") != INDEX_VERSION:
+                raise ValueError("unknown index format or version")
+            return cls(
+                data_file=str(doc["dataFile"]),
+                file_size=int(doc["fileSize"]),
+                fingerprint=str(doc["fingerprint"]),
+                virtual_size=int(doc["virtualSize"]),
+                compressed=bool(doc["compressed"]),
+                extents=[Extent.from_json(e) for e in doc["extents"]],
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise StreamError(f"{where}: index is damaged: {err}") from None
+
+
+def fingerprint_of(head: bytes, tail: bytes) -> str:
+    """Fingerprint of a file from its first and last ``FINGERPRINT_SPAN`` bytes."""
+    return hashlib.blake2b(head + b"\0" + tail, digest_size=16).hexdigest()
+
+
+def file_fingerprint(fh: BinaryIO, size: int) -> str:
+    head = os.pread(fh.fileno(), min(size, FINGERPRINT_SPAN), 0)
+    tail_start = max(0, size - FINGERPRINT_SPAN)
+    tail = os.pread(fh.fileno(), size - tail_start, tail_start)
+    return fingerprint_of(head, tail)
+
+
+def index_path(data_path: str) -> str:
+    return data_path + INDEX_SUFFIX
+
+
+def build_index(fh: BinaryIO, name: str) -> FileIndex:
+    """Walk the frame headers of a data file (payloads are skipped, not read)."""
+    reader = StreamReader(fh, name)
+    meta = reader.meta
+    trailer = list(reader.trailer)
+    size = fh.seek(0, os.SEEK_END)
+    pos = reader.position
+    extents: list[Extent] = []
+    data_size = 0
+    next_start = 0
+    while True:
+        fh.seek(pos)
+        header = frames.decode(fh.read(HEADER_SIZE), f"{name} at offset {pos}")
+        if header.kind is Kind.STOP:
+            break
+        if header.kind not in (Kind.DATA, Kind.ZERO):
+            raise StreamError(f"{name} at offset {pos}: unexpected {header.kind.value.decode()}")
+        if header.start < next_start or header.start + header.length > meta.virtual_size:
+            raise StreamError(
+                f"{name} at offset {pos}: extent {header.start}+{header.length} is out of "
+                f"order or beyond the disk size {meta.virtual_size}"
+            )
+        next_start = header.start + header.length
+        pos += HEADER_SIZE
+        if header.kind is Kind.ZERO:
+            extents.append(Extent(header.start, header.length, -1))
+            continue
+        data_size += header.length
+        pieces: tuple[tuple[int, int], ...] = ()
+        stored = header.length
+        if meta.is_compressed:
+            if not trailer:
+                raise StreamError(f"{name} at offset {pos}: more data frames than trailer entries")
+            entry = trailer.pop(0)
+            sizes = [entry] if isinstance(entry, int) else next(iter(entry.values()))
+            pieces = _piece_sizes(fh, name, pos, sizes, header.length)
+            stored = sum(sizes)
+        extents.append(Extent(header.start, header.length, pos, pieces))
+        pos += stored
+        fh.seek(pos)
+        if fh.read(2) != TERMINATOR:
+            raise StreamError(
+                f"{name} at offset {pos}: expected CR LF after the frame payload "
+                "(the file is damaged or truncated)"
+            )
+        pos += 2
+    if data_size != meta.data_size:
+        raise StreamError(
+            f"{name}: data frames hold {data_size} bytes but the meta frame says "
+            f"dataSize {meta.data_size}"
+        )
+    return FileIndex(
+        data_file=os.path.basename(name),
+        file_size=size,
+        fingerprint=file_fingerprint(fh, size),
+        virtual_size=meta.virtual_size,
+        compressed=meta.is_compressed,
+        extents=extents,
+    )
+
+
+def _piece_sizes(
+    fh: BinaryIO, name: str, pos: int, sizes: list[int], length: int
+) -> tuple[tuple[int, int], ...]:
+    """(packed, unpacked) per piece; the unpacked size comes from each LZ4 frame header."""
+    if len(sizes) == 1:
+        return ((sizes[0], length),)
+    pieces = []
+    offset = pos
+    for packed in sizes:
+        pieces.append((packed, _lz4_content_size(fh, name, offset, packed)))
+        offset += packed
+    if sum(u for _p, u in pieces) != length:
+        raise StreamError(
+            f"{name} at offset {pos}: compressed pieces hold {sum(u for _p, u in pieces)} "
+            f"bytes, the frame header says {length}"
+        )
+    return tuple(pieces)
+
+
+def _lz4_content_size(fh: BinaryIO, name: str, offset: int, packed: int) -> int:
+    fh.seek(offset)
+    head = fh.read(14)
+    if len(head) < 6 or struct.unpack_from("<I", head)[0] != _LZ4_MAGIC:
+        raise StreamError(f"{name} at offset {offset}: not an LZ4 frame")
+    if head[4] & _LZ4_CONTENT_SIZE_FLAG and len(head) == 14:
+        return int(struct.unpack_from("<Q", head, 6)[0])
+    # A writer that did not store the content size: decompress to learn it.
+    fh.seek(offset)
+    try:
+        return len(lz4.frame.decompress(fh.read(packed)))
+    except RuntimeError as err:
+        raise StreamError(f"{name} at offset {offset}: compressed data is damaged: {err}") from None
+
+
+def load_index(path: str, fh: BinaryIO) -> FileIndex | None:
+    """The side-file index of the open data file ``fh``, or None if missing or stale."""
+    try:
+        with open(index_path(path), "rb") as side:
+            raw = side.read()
+    except FileNotFoundError:
+        return None
+    try:
+        index = FileIndex.from_bytes(raw, index_path(path))
+    except StreamError as err:
+        log.warning("%s; rebuilding it", err)
+        return None
+    size = os.fstat(fh.fileno()).st_size
+    if index.file_size != size or index.fingerprint != file_fingerprint(fh, size):
+        log.info("%s does not match its data file; rebuilding it", index_path(path))
+        return None
+    return index
+
+
+def open_index(path: str, fh: BinaryIO) -> FileIndex:
+    """The index of a data file: from its side file, or rebuilt (and saved if possible)."""
+    index = load_index(path, fh)
+    if index is not None:
+        return index
+    index = build_index(fh, path)
+    try:
+        write_atomic(Path(index_path(path)), index.to_bytes())
+    except TargetError as err:
+        log.info("index not saved (%s); it is rebuilt on each open", err)
+    return index

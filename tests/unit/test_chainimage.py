@@ -1,0 +1,242 @@
+"""Extent index side files and the merged chain view that virtnbdmap serves.
+
+Every chain is checked against a model: apply the files oldest first to a
+zeroed bytearray, the way a restore does (zero frames write zeroes).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from libvirtnbdbackup.errors import StreamError
+from libvirtnbdbackup.format.chainimage import ChainImage, PieceCache
+from libvirtnbdbackup.format.index import (
+    FileIndex,
+    build_index,
+    index_path,
+    load_index,
+    open_index,
+)
+from libvirtnbdbackup.format.meta import StreamMeta
+from libvirtnbdbackup.format.writer import StreamWriter
+
+BLOCK = 4096
+BLOCKS = 64
+SIZE = BLOCK * BLOCKS
+# (first block, block count, fill byte or None for a zero frame)
+Frame = tuple[int, int, int | None]
+
+
+def write_file(
+    path: Path,
+    frames: list[Frame],
+    *,
+    incremental: bool,
+    compressed: bool | int = False,
+    max_piece: int = 3 * BLOCK,
+    executor: ThreadPoolExecutor | None = None,
+) -> StreamWriter:
+    data_size = sum(n * BLOCK for _s, n, fill in frames if fill is not None)
+    meta = StreamMeta(
+        virtual_size=SIZE,
+        data_size=data_size,
+        disk_name="vda",
+        disk_format="qcow2",
+        checkpoint_name="virtnbdbackup.0",
+        parent_checkpoint="",
+        incremental=incremental,
+        compressed=compressed,
+    )
+    with open(path, "wb") as fh:
+        writer = StreamWriter(fh, meta, max_piece=max_piece, executor=executor, window=2)
+        for start, count, fill in frames:
+            if fill is None:
+                writer.zero(start * BLOCK, count * BLOCK)
+            else:
+                payload = pattern(fill, count)
+                half = len(payload) // 2  # chunks that do not line up with pieces
+                writer.data(start * BLOCK, count * BLOCK, [payload[:half], payload[half:]])
+        writer.finish()
+    return writer
+
+
+def apply(model: bytearray, frames: list[Frame]) -> None:
+    for start, count, fill in frames:
+        if fill is None:
+            model[start * BLOCK : (start + count) * BLOCK] = bytes(count * BLOCK)
+        else:
+            model[start * BLOCK : (start + count) * BLOCK] = pattern(fill, count)
+
+
+def pattern(fill: int, blocks: int) -> bytes:
+    return bytes((fill + i) % 256 for i in range(256)) * (blocks * BLOCK // 256)
+
+
+@st.composite
+def layouts(draw: st.DrawFn, full: bool) -> list[Frame]:
+    """Sorted, disjoint frames; a full backup covers the whole disk."""
+    cuts = sorted(draw(st.sets(st.integers(1, BLOCKS - 1), max_size=10)))
+    bounds = [0, *cuts, BLOCKS]
+    frames: list[Frame] = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        kind = draw(st.sampled_from(["data", "zero"] if full else ["data", "zero", "gap"]))
+        if kind == "gap":
+            continue
+        fill = draw(st.integers(1, 255)) if kind == "data" else None
+        frames.append((a, b - a, fill))
+    return frames
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    base=layouts(full=True),
+    incs=st.lists(layouts(full=False), max_size=3),
+    compressed=st.lists(st.booleans(), min_size=4, max_size=4),
+    reads=st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, SIZE)), max_size=8),
+)
+def test_chain_reads_equal_a_restore(
+    tmp_path_factory: pytest.TempPathFactory,
+    base: list[Frame],
+    incs: list[list[Frame]],
+    compressed: list[bool],
+    reads: list[tuple[int, int]],
+) -> None:
+    folder = tmp_path_factory.mktemp("chain")
+    model = bytearray(SIZE)
+    paths = []
+    for n, frames in enumerate([base, *incs]):
+        path = folder / f"{n}.data"
+        write_file(path, frames, incremental=n > 0, compressed=2 if compressed[n] else False)
+        apply(model, frames)
+        paths.append(str(path))
+    image = ChainImage(paths, cache_bytes=5 * BLOCK)
+    try:
+        assert image.read(0, SIZE) == bytes(model)
+        for offset, length in reads:
+            length = min(length, SIZE - offset)
+            assert image.read(offset, length) == bytes(model[offset : offset + length])
+        runs = image.extents(0, SIZE)
+        assert sum(n for _o, n, _z in runs) == SIZE
+        for offset, length, zero in runs:
+            if zero:
+                assert model[offset : offset + length] == bytes(length)
+    finally:
+        image.close()
+
+
+@pytest.mark.parametrize("compressed", [False, 2])
+def test_writer_index_equals_the_index_built_from_headers(tmp_path: Path, compressed: int) -> None:
+    frames: list[Frame] = [(0, 2, 7), (2, 5, None), (7, 10, 9), (17, 47, 3)]
+    path = tmp_path / "vda.full.data"
+    with ThreadPoolExecutor(2) as pool:
+        writer = write_file(path, frames, incremental=False, compressed=compressed, executor=pool)
+    written = writer.index(path.name)
+    with open(path, "rb") as fh:
+        built = build_index(fh, str(path))
+    assert written == built
+    if compressed:  # 10 and 47 blocks at 3 blocks a piece: several pieces each
+        assert [len(e.pieces) for e in built.extents if not e.is_zero] == [1, 4, 16]
+    assert FileIndex.from_bytes(built.to_bytes(), "x") == built
+
+
+def test_side_file_is_written_reused_and_rebuilt_when_stale(tmp_path: Path) -> None:
+    path = tmp_path / "vda.full.data"
+    write_file(path, [(0, 64, 5)], incremental=False)
+    side = Path(index_path(str(path)))
+    with open(path, "rb") as fh:
+        assert load_index(str(path), fh) is None
+        first = open_index(str(path), fh)
+    assert side.is_file()
+    with open(path, "rb") as fh:
+        assert load_index(str(path), fh) == first
+    # Another backup under the same name: same size, other meta (date) -> stale.
+    os.utime(side, (0, 0))
+    write_file(path, [(0, 32, 6), (32, 32, None)], incremental=False)
+    with open(path, "rb") as fh:
+        assert load_index(str(path), fh) is None
+        again = open_index(str(path), fh)
+    assert again.extents != first.extents
+    side.write_text("{not json")
+    with open(path, "rb") as fh:
+        assert load_index(str(path), fh) is None
+
+
+def test_opening_a_chain_with_an_index_reads_no_payload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a fresh side file, opening reads the index and the file's two 64 KiB ends."""
+    path = tmp_path / "vda.full.data"
+    write_file(path, [(0, 64, 1)], incremental=False)
+    with open(path, "rb") as fh:
+        open_index(str(path), fh)
+    # Change payload bytes between the fingerprinted ends: the index still
+    # matches, and reads must come from the payload offsets it records.
+    with open(path, "r+b") as fh:
+        fh.seek(SIZE // 2)
+        fh.write(b"\xee" * BLOCK)
+
+    def no_build(*_args: object) -> None:
+        raise AssertionError("the index was rebuilt")
+
+    monkeypatch.setattr("libvirtnbdbackup.format.index.build_index", no_build)
+    reads: list[int] = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(
+        "libvirtnbdbackup.format.chainimage.os.preadv",
+        lambda fd, bufs, pos: reads.append(pos) or real_preadv(fd, bufs, pos),
+    )
+    image = ChainImage([str(path)])
+    try:
+        assert reads == []
+        got = image.read(0, SIZE)
+        assert got.count(b"\xee" * BLOCK) >= 1
+        assert reads
+    finally:
+        image.close()
+
+
+def test_damaged_compressed_piece_is_reported_on_read(tmp_path: Path) -> None:
+    path = tmp_path / "vda.full.data"
+    write_file(path, [(0, 64, 1)], incremental=False, compressed=2, max_piece=64 * BLOCK)
+    with open(path, "rb") as fh:
+        index = open_index(str(path), fh)
+    extent = index.extents[0]
+    with open(path, "r+b") as fh:
+        fh.seek(extent.offset + extent.pieces[0][0] // 2)
+        fh.write(b"\xff\xfe\xfd\xfc")
+    image = ChainImage([str(path)])
+    try:
+        with pytest.raises(StreamError, match="damaged"):
+            image.read(0, BLOCK)
+    finally:
+        image.close()
+
+
+def test_chain_of_different_disk_sizes_is_refused(tmp_path: Path) -> None:
+    a = tmp_path / "a.data"
+    write_file(a, [(0, 64, 1)], incremental=False)
+    b = tmp_path / "b.data"
+    meta = StreamMeta(
+        SIZE * 2, 0, "vda", "qcow2", "virtnbdbackup.1", "virtnbdbackup.0", True, False
+    )
+    with open(b, "wb") as fh:
+        StreamWriter(fh, meta).finish()
+    with pytest.raises(StreamError, match="disk size"):
+        ChainImage([str(a), str(b)])
+
+
+def test_piece_cache_stays_within_its_limit() -> None:
+    cache = PieceCache(limit=10)
+    for n in range(5):
+        cache.put((0, n), bytes(4))
+    assert cache.get((0, 4)) is not None
+    assert cache.get((0, 0)) is None
+    assert sum(len(cache.get((0, n)) or b"") for n in range(5)) <= 10
