@@ -78,15 +78,24 @@ def qcow2_create_options(info: dict[str, Any], data_file: str | None = None) -> 
 
 def create_image(
     path: str,
-    size: int,
+    size: int | None,
     fmt: str = "qcow2",
     options: list[str] | None = None,
     host: Host = LOCAL,
+    *,
+    backing: str | None = None,
+    backing_fmt: str = "raw",
 ) -> None:
+    """A new image; with ``backing`` an overlay on it (``size`` None: the backing's)."""
     cmd = ["qemu-img", "create", "-q", "-f", fmt]
     if options:
         cmd += ["-o", ",".join(options)]
-    run([*cmd, path, str(size)], f"create image {path}", host)
+    if backing:
+        cmd += ["-b", backing, "-F", backing_fmt]
+    cmd.append(path)
+    if size is not None:
+        cmd.append(str(size))
+    run(cmd, f"create image {path}", host)
 
 
 def convert_raw(source: str, dest: str) -> None:

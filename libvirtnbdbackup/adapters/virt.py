@@ -64,6 +64,13 @@ class Hypervisor:
         except libvirt.libvirtError as err:
             raise DomainError(f"libvirt refused the restored domain: {_message(err)}") from None
 
+    def start_transient(self, domain_xml: str) -> Domain:
+        """Create and start a domain that libvirt forgets once it stops."""
+        try:
+            return Domain(self._conn.createXML(domain_xml, 0))
+        except libvirt.libvirtError as err:
+            raise DomainError(f"libvirt cannot start the domain: {_message(err)}") from None
+
     def domain(self, name: str) -> Domain:
         try:
             return Domain(self._conn.lookupByName(name))

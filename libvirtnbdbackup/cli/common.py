@@ -39,14 +39,15 @@ class WarningCounter(logging.Handler):
         self.count += 1
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def add_common_args(parser: argparse.ArgumentParser, *, strict_short: bool = True) -> None:
+    """``strict_short``: whether ``-e`` means ``--strict`` (virtnbdmap uses it otherwise)."""
     group = parser.add_argument_group("Logging and debug options")
     group.add_argument("-v", "--verbose", action="store_true", help="Enable debug output.")
     group.add_argument(
         "--quiet", action="store_true", help="Log only errors to the console, no progress bars."
     )
     group.add_argument(
-        "-e",
+        *(["-e"] if strict_short else []),
         "--strict",
         action="store_true",
         help="Exit with code 2 when warnings were logged. (default: %(default)s)",

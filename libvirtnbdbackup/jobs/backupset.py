@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..adapters.domainxml import disk_sources
+from ..adapters.domainxml import boot_files, disk_sources
 from ..errors import StreamError, TargetError
 from ..format.meta import StreamMeta
 from ..format.reader import is_stream_file, read_meta
@@ -43,14 +43,24 @@ def scan(folder: str | Path) -> list[DataFile]:
     root = Path(folder)
     if not root.is_dir():
         raise TargetError(f"{root} is not a backup folder")
-    files = []
-    for path in sorted(root.glob("*.data")):
-        if is_stream_file(str(path)):
-            meta = read_meta(str(path))
-            files.append(DataFile(path, meta.disk_name, meta))
-        else:
-            files.append(DataFile(path, path.name.split(".", 1)[0], None))
-    return files
+    return [data_file(path) for path in sorted(root.glob("*.data"))]
+
+
+def data_file(path: Path) -> DataFile:
+    """A stream file with its meta, or a raw image (named ``<disk>.copy.data``)."""
+    if is_stream_file(str(path)):
+        meta = read_meta(str(path))
+        return DataFile(path, meta.disk_name, meta)
+    return DataFile(path, path.name.split(".", 1)[0], None)
+
+
+def latest_config(folder: Path, sequences: list[list[DataFile]]) -> Path | None:
+    """The domain XML saved with the newest backup of these chains."""
+    for sequence in sequences:
+        candidate = folder / f"vmconfig.{sequence[-1].ident}.xml"
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 @dataclass(frozen=True)
@@ -144,22 +154,39 @@ def _chain(disk: str, group: list[DataFile]) -> Chain:
     return Chain(disk, links, diffs)
 
 
-def ordered_sequence(files: list[DataFile]) -> list[DataFile]:
-    """An explicit ``--sequence``: checked link by link before anything is written."""
+def ordered_sequence(files: list[DataFile], option: str = "--sequence") -> list[DataFile]:
+    """Files given in chain order (``option`` names them in messages), checked link by link."""
     first = files[0]
     if first.meta is not None and first.meta.incremental:
-        raise StreamError(f"--sequence must start with a full or copy file, not {first.name}")
+        raise StreamError(f"{option} must start with a full or copy file, not {first.name}")
     for before, after in itertools.pairwise(files):
         if after.meta is None or after.disk != first.disk:
             raise StreamError(
-                f"--sequence: {after.name} is not an incremental file of disk {first.disk}"
+                f"{option}: {after.name} is not an incremental file of disk {first.disk}"
             )
         if _parent(after) != _checkpoint(before):
             raise StreamError(
-                f"--sequence: {after.name} builds on checkpoint {_parent(after)}, but "
+                f"{option}: {after.name} builds on checkpoint {_parent(after)}, but "
                 f"{before.name} holds {_checkpoint(before)}"
             )
     return files
+
+
+def config_ident(config: Path) -> str:
+    return config.name.removeprefix("vmconfig.").removesuffix(".xml")
+
+
+def saved_boot_files(config: Path) -> dict[str, Path]:
+    """Loader, NVRAM, kernel and initrd of a saved domain XML -> their saved copies."""
+    ident = config_ident(config)
+    found = {}
+    for path in boot_files(config.read_text()):
+        base = os.path.basename(path)
+        for saved in (config.parent / f"{base}.{ident}", config.parent / base):
+            if saved.is_file():
+                found[path] = saved
+                break
+    return found
 
 
 def load_json(path: Path) -> Any:

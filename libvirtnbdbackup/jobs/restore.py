@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..adapters import qemu
-from ..adapters.domainxml import adjust_config, boot_files
+from ..adapters.domainxml import adjust_config
 from ..adapters.hosts import LOCAL, Host
 from ..adapters.nbdclient import NbdAddress, NbdClient
 from ..adapters.virt import Hypervisor
@@ -24,7 +24,16 @@ from ..errors import Interrupted, StreamError, TargetError, UsageError, VirtnbdE
 from ..format.frames import Kind
 from ..format.reader import StreamReader, file_adler32
 from ..targets.directory import PARTIAL_SUFFIX
-from .backupset import DataFile, chains, image_names, load_json, ordered_sequence, scan
+from .backupset import (
+    DataFile,
+    chains,
+    image_names,
+    latest_config,
+    load_json,
+    ordered_sequence,
+    saved_boot_files,
+    scan,
+)
 from .remote import Remote, RemoteOptions
 
 log = logging.getLogger(__name__)
@@ -87,7 +96,7 @@ class RestoreJob:
                 ", ".join(p.name for p in partials),
             )
         disk_chains = self._sequences(files)
-        config = self._latest_config(disk_chains)
+        config = latest_config(self.input, list(disk_chains.values()))
         names = image_names(config, list(disk_chains))
         # -D needs libvirt: fail before any image is written, not after.
         hypervisor = (
@@ -137,19 +146,14 @@ class RestoreJob:
         hypervisor: Hypervisor | None,
     ) -> None:
         """Copy the domain XML (adjusted with -c) and the boot files saved with it."""
-        ident = config.name.removeprefix("vmconfig.").removesuffix(".xml")
         text = config.read_text()
         boot = {}
-        for path in boot_files(text):
-            base = os.path.basename(path)
-            for saved in (self.input / f"{base}.{ident}", self.input / base):
-                if saved.is_file():
-                    dest = os.path.join(self.output, base)
-                    if not self.host.exists(dest):
-                        self.host.put(str(saved), dest)
-                    boot[path] = dest
-                    log.info("restored boot file %s", dest)
-                    break
+        for path, saved in saved_boot_files(config).items():
+            dest = os.path.join(self.output, os.path.basename(path))
+            if not self.host.exists(dest):
+                self.host.put(str(saved), dest)
+            boot[path] = dest
+            log.info("restored boot file %s", dest)
         target = os.path.join(self.output, config.name)
         if not (self.opts.adjust_config or self.opts.define):
             self.host.write_bytes(target, text.encode())
@@ -180,14 +184,6 @@ class RestoreJob:
             result[disk] = chain.sequence(self.opts.until)
             log.info("disk %s: applying %s", disk, " + ".join(f.name for f in result[disk]))
         return result
-
-    def _latest_config(self, disk_chains: dict[str, list[DataFile]]) -> Path | None:
-        """The domain XML saved with the newest backup in the chains."""
-        for chain in disk_chains.values():
-            candidate = self.input / f"vmconfig.{chain[-1].ident}.xml"
-            if candidate.is_file():
-                return candidate
-        return None
 
     def _restore_raw(self, source: DataFile, image: str) -> None:
         partial = self._claim(image)

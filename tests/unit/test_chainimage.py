@@ -48,8 +48,8 @@ def write_file(
         data_size=data_size,
         disk_name="vda",
         disk_format="qcow2",
-        checkpoint_name="virtnbdbackup.0",
-        parent_checkpoint="",
+        checkpoint_name=f"virtnbdbackup.{int(incremental)}",
+        parent_checkpoint="virtnbdbackup.0" if incremental else "",
         incremental=incremental,
         compressed=compressed,
     )

@@ -1,0 +1,160 @@
+"""nbdkit serving a backup chain with the package's python plugin."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import NbdError
+
+log = logging.getLogger(__name__)
+
+# Loaded by nbdkit's embedded Python, never imported here (it needs nbdkit's module).
+PLUGIN = str(Path(__file__).resolve().parents[1] / "nbdkitplugin.py")
+_EXCEPTION_PREFIX = re.compile(r"^\s*[\w.]*(Error|Exception): ")
+START_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an NBD server listens: a unix socket, or a TCP host and port."""
+
+    socket: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """``unix:PATH`` or ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6)."""
+        if text.startswith("unix:"):
+            path = text.removeprefix("unix:")
+            if not path:
+                raise ValueError("unix: needs a socket path")
+            return cls(socket=os.path.abspath(path))
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"{text!r} is neither unix:PATH nor HOST:PORT")
+        return cls(host=host.strip("[]"), port=int(port))
+
+    def uri(self, export: str) -> str:
+        if self.socket:
+            return f"nbd+unix:///{export}?socket={self.socket}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{export}"
+
+    def nbdkit_args(self) -> list[str]:
+        if self.socket:
+            return ["--unix", self.socket]
+        return ["--ipaddr", str(self.host), "--port", str(self.port)]
+
+
+class NbdkitServer:
+    """One nbdkit process serving one disk's chain as export ``export``.
+
+    Writes go to nbdkit's cow filter (a temporary overlay nbdkit deletes on
+    exit) unless ``readonly``. nbdkit dies with its parent
+    (``--exit-with-parent``), so a killed virtnbdmap leaves no server behind.
+    """
+
+    def __init__(
+        self,
+        files: list[str],
+        export: str,
+        endpoint: Endpoint,
+        *,
+        readonly: bool,
+        threads: int,
+        workdir: Path,
+        cache: str | None = None,
+    ) -> None:
+        self.files = files
+        self.export = export
+        self.endpoint = endpoint
+        self.readonly = readonly
+        self.threads = threads
+        self.pidfile = workdir / f"nbdkit.{export}.pid"
+        self.errfile = workdir / f"nbdkit.{export}.log"
+        self.cache = cache
+        self.workdir = workdir
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.endpoint.uri(self.export)
+
+    def command(self) -> list[str]:
+        cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--pidfile", str(self.pidfile)]
+        cmd += self.endpoint.nbdkit_args()
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        if self.readonly:
+            cmd += ["--readonly"]
+        else:
+            cmd += ["--filter=cow"]
+        cmd += ["python", PLUGIN, f"export={self.export}"]
+        cmd += [f"file={f}" for f in self.files]
+        if self.cache:
+            cmd += [f"cache={self.cache}"]
+        return cmd
+
+    def start(self) -> None:
+        cmd = self.command()
+        log.debug("running %s", " ".join(cmd))
+        env = dict(os.environ, TMPDIR=str(self.workdir))  # the cow overlay lives here
+        try:
+            with open(self.errfile, "wb") as err:
+                self._proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env
+                )
+        except FileNotFoundError:
+            raise NbdError("nbdkit is not installed (install nbdkit nbdkit-plugin-python)") from None
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.pidfile.exists():
+            if self._proc.poll() is not None:
+                raise NbdError(f"nbdkit for {self.export} failed to start: {self._error_text()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise NbdError(f"nbdkit for {self.export} did not start within {START_TIMEOUT}s")
+            time.sleep(0.02)
+        log.info("nbdkit (pid %d) serves %s at %s", self._proc.pid, self.export, self.uri)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def failure(self) -> str:
+        """Why nbdkit ended, for a server that is no longer alive."""
+        code = self._proc.returncode if self._proc else None
+        return f"nbdkit for {self.export} ended (exit {code}): {self._error_text()}"
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            self._proc = None
+        for leftover in (self.pidfile, self.errfile):
+            leftover.unlink(missing_ok=True)
+        if self.endpoint.socket:
+            Path(self.endpoint.socket).unlink(missing_ok=True)
+
+    def _error_text(self) -> str:
+        try:
+            lines = self.errfile.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no output"
+        # The plugin's exceptions end with the message that matters.
+        errors = [line.strip() for line in lines if line.strip()]
+        return _EXCEPTION_PREFIX.sub("", errors[-1]) if errors else "no output"
