@@ -20,9 +20,9 @@ import sys
 # nbdkit runs the system Python: make this package importable from its checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import nbdkit  # noqa: E402  (provided by nbdkit when it loads this plugin)
+import nbdkit
 
-from libvirtnbdbackup.format.chainimage import DEFAULT_CACHE, ChainImage  # noqa: E402
+from libvirtnbdbackup.format.chainimage import DEFAULT_CACHE, ChainImage
 
 API_VERSION = 2
 
@@ -68,7 +68,7 @@ def default_export(readonly: bool, is_tls: bool) -> str:
     return _export or ""
 
 
-def open(readonly: bool) -> ChainImage:  # noqa: A001  (nbdkit's callback name)
+def open(readonly: bool) -> ChainImage:
     name = nbdkit.export_name()
     if _export is not None and name not in ("", _export):
         nbdkit.set_error(errno.ENOENT)

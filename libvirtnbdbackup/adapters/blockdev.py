@@ -54,7 +54,19 @@ def partitions(device: str) -> list[str]:
     return [dev for _n, dev in found]
 
 
-def _wait_for_nodes(nodes: list[str]) -> None:
+def add_partitions(device: str) -> None:
+    """Make the partitions of ``device`` appear as /dev/DEVICEpN (or DEVICEN).
+
+    The kernel scans the partition table itself when it has the parser;
+    where it was built without one, ``partx --add`` reads the table in
+    user space and tells the kernel. A disk without a table has none.
+    """
+    if not partitions(device):
+        try:
+            _run(["partx", "--add", device], f"read the partition table of {device}")
+        except NbdError as err:
+            log.debug("%s", err)
+    nodes = partitions(device)
     deadline = time.monotonic() + 5
     while not all(os.path.exists(n) for n in nodes) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -77,7 +89,7 @@ class KernelNbdDevice:
             cmd += ["--read-only"]
         _run([*cmd, self.uri], f"attach {self.uri} to {self.device}")
         self.connected = True
-        _wait_for_nodes(partitions(self.device))
+        add_partitions(self.device)
 
     def alive(self) -> bool:
         return True  # qemu-nbd runs detached; the NBD server's health is checked instead
@@ -129,7 +141,7 @@ class FuseLoopDevice:
         if self.readonly:
             cmd += ["--read-only"]
         self.device = _run([*cmd, str(self.file)], f"set up a loop device on {self.file}").strip()
-        _wait_for_nodes(partitions(self.device))
+        add_partitions(self.device)
 
     def alive(self) -> bool:
         return self._fuse is not None and self._fuse.poll() is None

@@ -95,13 +95,12 @@ class MapJob:
             for mapped in disks:
                 self._serve(mapped, stack)
             record: dict[str, object] = {"pid": os.getpid(), "exports": {}}
+            for mapped in disks:
+                if mapped.server is not None:
+                    print(f"export {mapped.disk}: {mapped.server.uri}", flush=True)
             if self.opts.boot:
                 record["domain"] = self._boot(disks, stack)
-            elif self.opts.listen:
-                for mapped in disks:
-                    assert mapped.server is not None
-                    print(f"export {mapped.disk}: {mapped.server.uri}", flush=True)
-            else:
+            elif not self.opts.listen:
                 record["device"] = self._block_device(disks[0], stack)
             record["exports"] = {m.disk: m.server.uri for m in disks if m.server}
             _register(record)
@@ -321,11 +320,11 @@ def running() -> list[dict[str, object]]:
     for path in sorted(RUN_DIR.glob("*.json")) if RUN_DIR.is_dir() else []:
         try:
             record = json.loads(path.read_text())
-            os.kill(int(record["pid"]), 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)  # left by a killed instance
-            continue
+            pid = int(record["pid"])
         except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not _alive(pid):
+            path.unlink(missing_ok=True)  # left by a killed instance
             continue
         found.append(record)
     return found
@@ -355,8 +354,9 @@ def stop_running(device: str | None = None, export: str | None = None, wait: flo
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie has ended, it only waits for its parent)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
