@@ -112,7 +112,9 @@ class NbdkitServer:
                     cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env
                 )
         except FileNotFoundError:
-            raise NbdError("nbdkit is not installed (install nbdkit nbdkit-plugin-python)") from None
+            raise NbdError(
+                "nbdkit is not installed (install nbdkit and nbdkit-plugin-python)"
+            ) from None
         deadline = time.monotonic() + START_TIMEOUT
         while not self.pidfile.exists():
             if self._proc.poll() is not None:

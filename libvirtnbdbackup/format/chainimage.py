@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -44,13 +45,12 @@ def merge_layers(indexes: list[FileIndex], size: int) -> list[Segment]:
     """
     per_layer = [[(e.start, layer, e) for e in idx.extents] for layer, idx in enumerate(indexes)]
     starts = heapq.merge(*per_layer, key=lambda item: item[0])
-    bounds = sorted(
-        {0, size} | {b for idx in indexes for e in idx.extents for b in (e.start, e.start + e.length)}
-    )
+    ends = {e.start + e.length for idx in indexes for e in idx.extents}
+    bounds = sorted({0, size} | {e.start for idx in indexes for e in idx.extents} | ends)
     pending = next(starts, None)
     active: list[tuple[int, int, int, Extent]] = []  # (-layer, end, tiebreak, extent)
     segments: list[Segment] = []
-    for here, following in zip(bounds, bounds[1:], strict=False):
+    for here, following in itertools.pairwise(bounds):
         while pending is not None and pending[0] == here:
             _start, layer, extent = pending
             heapq.heappush(active, (-layer, extent.start + extent.length, id(extent), extent))

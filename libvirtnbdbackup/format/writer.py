@@ -155,7 +155,7 @@ class StreamWriter:
         """The extent index of the file written; call after ``finish()``."""
         extents = []
         position = self._meta_bytes
-        pieces = iter(self._pieces)
+        frame_pieces = iter(self._pieces)
         for kind, start, length in self._frames:
             position += HEADER_SIZE
             if kind is Kind.ZERO:
@@ -165,10 +165,11 @@ class StreamWriter:
                 extents.append(Extent(start, length, position))
                 position += length
             else:
-                _length, sizes = next(pieces)
+                _length, sizes = next(frame_pieces)
                 piece = self._max_piece if length >= self._max_piece else length
                 unpacked = [min(piece, length - i * piece) for i in range(len(sizes))]
-                extents.append(Extent(start, length, position, tuple(zip(sizes, unpacked, strict=True))))
+                packed = tuple(zip(sizes, unpacked, strict=True))
+                extents.append(Extent(start, length, position, packed))
                 position += sum(sizes)
             position += len(TERMINATOR)
         return FileIndex(

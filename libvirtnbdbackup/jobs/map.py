@@ -263,8 +263,8 @@ class MapJob:
         domain = hypervisor.start_transient(xml)
         stack.callback(_stop_domain, domain, output)
         print(f"domain: {name} (overlays in {output})", flush=True)
-        for disk, (overlay, _fmt) in images.items():
-            print(f"overlay {disk}: {overlay}", flush=True)
+        for disk, (image, _fmt) in images.items():
+            print(f"overlay {disk}: {image}", flush=True)
         return name
 
     # waiting

@@ -26,6 +26,8 @@ import libvirt
 import nbd
 import pytest
 
+from libvirtnbdbackup.format.index import FileIndex, build_index, index_path
+
 from .vmlab import (
     BIN,
     LAB_DIR,
@@ -77,7 +79,8 @@ def make_fs_image(path: Path) -> None:
     raw = path.with_suffix(".raw")
     with open(raw, "wb") as fh:
         fh.truncate(DISK_SIZE)
-    sh("mkfs.ext4", "-q", "-F", "-d", tree, "-E", f"offset={PART_START}", raw, f"{PART_SIZE // 1024}k")
+    fs_size = f"{PART_SIZE // 1024}k"
+    sh("mkfs.ext4", "-q", "-F", "-d", tree, "-E", f"offset={PART_START}", raw, fs_size)
     with open(raw, "r+b") as fh:
         fh.write(_mbr(PART_START, PART_SIZE))
     sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path)
@@ -154,7 +157,7 @@ def socket_path(tag: str) -> Path:
 def test_export_equals_the_restored_image(
     chain: tuple[LabVM, Path], tmp_path: Path, until: str | None
 ) -> None:
-    vm, out = chain
+    _vm, out = chain
     limit = ["--until", until] if until else []
     expected = restore_image(out, tmp_path / "restored", *limit)
     sock = socket_path("nbdcopy")
@@ -172,10 +175,26 @@ def test_export_equals_the_restored_image(
     assert_no_leftovers(None, m)
 
 
+def test_backup_writes_the_index_that_the_headers_give(chain: tuple[LabVM, Path]) -> None:
+    _vm, out = chain
+    files = sorted(out.glob("vda.*.data"))
+    assert len(files) == 3
+    compressed = []
+    for path in files:
+        saved = FileIndex.from_bytes(Path(index_path(str(path))).read_bytes(), str(path))
+        with open(path, "rb") as fh:
+            assert saved == build_index(fh, str(path))
+        data = [e for e in saved.extents if not e.is_zero]
+        compressed.append(saved.compressed and all(e.pieces for e in data))
+    assert compressed.count(True) == 1  # inc 1, taken with -z
+
+
 def test_file_list_with_writes_to_the_cow_layer(chain: tuple[LabVM, Path], tmp_path: Path) -> None:
-    vm, out = chain
+    _vm, out = chain
     files = sorted(out.glob("vda.*.data"), key=lambda p: (".inc." in p.name, p.name))
     before = {p: p.stat().st_mtime_ns for p in files}
+    side = Path(index_path(str(files[1])))
+    side.unlink()  # rebuilt from the frame headers when the chain is opened
     expected = restore_image(out, tmp_path / "restored")
     sock = socket_path("cow")
     with mapped("-f", ",".join(map(str, files)), "--listen", f"unix:{sock}", "-e", "disk") as m:
@@ -190,12 +209,13 @@ def test_file_list_with_writes_to_the_cow_layer(chain: tuple[LabVM, Path], tmp_p
         assert h.pread(4096, 41 * MiB) == b"\x99" * 4096
         h.shutdown()
     assert {p: p.stat().st_mtime_ns for p in files} == before
+    assert side.is_file()
 
 
 def test_ext4_file_read_back_through_the_loop_device(
     chain: tuple[LabVM, Path], tmp_path: Path
 ) -> None:
-    vm, out = chain
+    _vm, out = chain
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with mapped("-i", out, "-d", "loop", "-r") as m:
@@ -237,7 +257,7 @@ def test_boot_reads_the_backed_up_pattern(
 
 
 def test_cleanup_after_nbdkit_is_killed(chain: tuple[LabVM, Path]) -> None:
-    vm, out = chain
+    _vm, out = chain
     with mapped("-i", out, "-d", "loop", expect_exit=1) as m:
         device = m.value("device vda")
         nbdkit = [p for p, name in m.helpers.items() if name == "nbdkit"]
@@ -249,7 +269,7 @@ def test_cleanup_after_nbdkit_is_killed(chain: tuple[LabVM, Path]) -> None:
 
 
 def test_stop_unmaps_a_running_instance(chain: tuple[LabVM, Path]) -> None:
-    vm, out = chain
+    _vm, out = chain
     with mapped("-i", out, "-d", "loop") as m:
         device = m.value("device vda")
         proc = subprocess.run(
@@ -261,7 +281,7 @@ def test_stop_unmaps_a_running_instance(chain: tuple[LabVM, Path]) -> None:
 
 
 def test_raw_files_and_broken_chains_are_refused(chain: tuple[LabVM, Path]) -> None:
-    vm, out = chain
+    _vm, out = chain
     inc = next(out.glob("vda.inc.*.data"))
     proc = subprocess.run(
         [str(BIN / "virtnbdmap"), "-f", inc, "--listen", f"unix:{socket_path('x')}"],

@@ -6,6 +6,7 @@ zeroed bytearray, the way a restore does (zero frames write zeroes).
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,7 +85,7 @@ def layouts(draw: st.DrawFn, full: bool) -> list[Frame]:
     cuts = sorted(draw(st.sets(st.integers(1, BLOCKS - 1), max_size=10)))
     bounds = [0, *cuts, BLOCKS]
     frames: list[Frame] = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         kind = draw(st.sampled_from(["data", "zero"] if full else ["data", "zero", "gap"]))
         if kind == "gap":
             continue
