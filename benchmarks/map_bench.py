@@ -3,7 +3,7 @@
 
 Run as root from the repository (``venv/env/bin/python benchmarks/map_bench.py``).
 A throw-away VM gets a 4 GiB qcow2 disk: 1 GiB of random data, 2.5 GiB of
-compressible patterns, 0.5 GiB never written. It is backed up full, once
+compressible patterns, 0.5 GiB with 64 KiB written every 256 KiB. It is backed up full, once
 plain and once with ``-z``; each backup is then mapped with ``virtnbdmap
 --listen`` and read whole with ``nbdcopy ... null:``. The limit is nbdcopy
 reading the original image through ``qemu-nbd`` in the same run. Printed:
@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("VNBT_LAB", "mapbench")  # its own VM prefix and lab folder
 
 from libvirtnbdbackup.format.chainimage import ChainImage  # noqa: E402
+from libvirtnbdbackup.format.index import open_index  # noqa: E402
 from tests.integration.vmlab import (  # noqa: E402
     BIN,
     DiskSpec,
@@ -44,6 +45,9 @@ SIZE = 4 * GiB
 
 def disk_spec() -> DiskSpec:
     writes = [f"write -P {0x10 + i} {GiB + i * 64 * MiB} 64M" for i in range(40)]  # 2.5 GiB
+    # The last 512 MiB fragmented: 64 KiB written every 256 KiB (2048 data extents).
+    start = SIZE - 512 * MiB
+    writes += [f"write -P 0x5a {start + i * 256 * 1024} 64K" for i in range(2048)]
     return DiskSpec("vda", SIZE, writes=writes, random_mib=1024)
 
 
@@ -61,9 +65,8 @@ def timed_copy(uri: str) -> float:
 def qemu_nbd(image: Path, socket: Path) -> Iterator[str]:
     """The source image served read-only, as the limit to compare with."""
     opts = f"driver=qcow2,file.driver=file,file.filename={image},file.locking=off"
-    proc = subprocess.Popen(
-        ["qemu-nbd", "--read-only", "--shared", "8", "--socket", str(socket), "--image-opts", opts]
-    )
+    cmd = ["qemu-nbd", "--read-only", "--persistent", "--shared", "8", "--image-opts", opts]
+    proc = subprocess.Popen([*cmd, "--socket", str(socket)])
     try:
         deadline = time.monotonic() + 30
         while not socket.exists() and time.monotonic() < deadline:
@@ -81,7 +84,7 @@ def mapped(folder: Path, socket: Path, *extra: str) -> Iterator[tuple[str, float
     proc = subprocess.Popen(
         [str(BIN / "virtnbdmap"), "-i", str(folder), "--listen", f"unix:{socket}", *extra],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
@@ -93,7 +96,8 @@ def mapped(folder: Path, socket: Path, *extra: str) -> Iterator[tuple[str, float
             if line.startswith("ready:"):
                 break
         else:
-            raise RuntimeError(f"virtnbdmap ended with {proc.wait()}")
+            error = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"virtnbdmap ended with {proc.wait()}: {error}")
         yield uri, time.monotonic() - started
     finally:
         proc.terminate()
@@ -107,13 +111,18 @@ def open_seconds(folder: Path) -> float:
     return time.monotonic() - started
 
 
+def open_extents(path: Path) -> list[object]:
+    with open(path, "rb") as fh:
+        return list(open_index(str(path), fh).extents)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the VM and the backups")
     args = parser.parse_args()
     conn = ensure_libvirtd()
     vm = create_vm(conn, [disk_spec()], cdrom=False)
-    work = Path(tempfile.mkdtemp(prefix="map-bench.", dir=str(vm.folder)))
+    work = Path(tempfile.mkdtemp(prefix="map-bench.", dir="/var/tmp"))  # short socket paths
     rows: list[tuple[str, float, float]] = []
     try:
         folders = {}
@@ -144,9 +153,10 @@ def main() -> int:
                 side.unlink()
             rebuilt = open_seconds(folder)  # builds and saves the index again
             size = sum(p.stat().st_size for p in folder.glob("*.data"))
+            frames = sum(len(open_extents(p)) for p in folder.glob("*.data"))
             print(
-                f"  {label:6} {size / MiB:8.0f} MiB of data files: {with_index:.3f} s with the "
-                f"index, {rebuilt:.3f} s rebuilding it from the frame headers"
+                f"  {label:6} {size / MiB:6.0f} MiB, {frames} frames: {with_index:.3f} s with "
+                f"the index, {rebuilt:.3f} s rebuilding it from the frame headers"
             )
     finally:
         if not args.keep:

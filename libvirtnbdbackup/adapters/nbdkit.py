@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 PLUGIN = str(Path(__file__).resolve().parents[1] / "nbdkitplugin.py")
 _EXCEPTION_PREFIX = re.compile(r"^\s*[\w.]*(Error|Exception): ")
 START_TIMEOUT = 120.0
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,13 @@ class Endpoint:
             path = text.removeprefix("unix:")
             if not path:
                 raise ValueError("unix: needs a socket path")
-            return cls(socket=os.path.abspath(path))
+            path = os.path.abspath(path)
+            if len(path.encode()) > MAX_SOCKET_PATH:
+                raise ValueError(
+                    f"socket path {path} is longer than the {MAX_SOCKET_PATH} bytes a unix "
+                    "socket allows; choose a shorter one"
+                )
+            return cls(socket=path)
         host, sep, port = text.rpartition(":")
         if not sep or not port.isdigit() or not host:
             raise ValueError(f"{text!r} is neither unix:PATH nor HOST:PORT")

@@ -16,7 +16,7 @@ import itertools
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import lz4.frame
@@ -70,12 +70,25 @@ def merge_layers(indexes: list[FileIndex], size: int) -> list[Segment]:
     return segments
 
 
+class _Loading:
+    """A piece being decompressed by one thread while others wait for it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.piece: bytes | None = None
+
+
 class PieceCache:
-    """Decompressed LZ4 pieces, least recently used dropped beyond ``limit`` bytes."""
+    """Decompressed LZ4 pieces, least recently used dropped beyond ``limit`` bytes.
+
+    Concurrent requests for a piece not yet cached decompress it once: the
+    first one loads it, the others wait for its result.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._pieces: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._loading: dict[tuple[int, int], _Loading] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -85,6 +98,30 @@ class PieceCache:
             if piece is not None:
                 self._pieces.move_to_end(key)
             return piece
+
+    def get_or_load(self, key: tuple[int, int], load: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            piece = self._pieces.get(key)
+            if piece is not None:
+                self._pieces.move_to_end(key)
+                return piece
+            loading = self._loading.get(key)
+            owner = loading is None
+            if loading is None:
+                loading = self._loading[key] = _Loading()
+        if not owner:
+            loading.done.wait()
+            if loading.piece is None:  # the loader failed: try (and report) it here
+                return self.get_or_load(key, load)
+            return loading.piece
+        try:
+            loading.piece = load()
+            self.put(key, loading.piece)
+            return loading.piece
+        finally:
+            with self._lock:
+                del self._loading[key]
+            loading.done.set()
 
     def put(self, key: tuple[int, int], piece: bytes) -> None:
         with self._lock:
@@ -196,7 +233,7 @@ class ChainImage:
                 piece = self._piece(layer, position, packed, unpacked)
                 first = skip + done - base
                 n = min(unpacked - first, len(out) - done)
-                out[done : done + n] = piece[first : first + n]
+                out[done : done + n] = memoryview(piece)[first : first + n]
                 done += n
             position += packed
             base += unpacked
@@ -207,10 +244,11 @@ class ChainImage:
             )
 
     def _piece(self, layer: int, position: int, packed: int, unpacked: int) -> bytes:
-        key = (layer, position)
-        piece = self._cache.get(key)
-        if piece is not None:
-            return piece
+        return self._cache.get_or_load(
+            (layer, position), lambda: self._decompress(layer, position, packed, unpacked)
+        )
+
+    def _decompress(self, layer: int, position: int, packed: int, unpacked: int) -> bytes:
         raw = bytearray(packed)
         self._pread(layer, memoryview(raw), position)
         try:
@@ -224,5 +262,4 @@ class ChainImage:
                 f"{self.paths[layer]} at offset {position}: piece decompresses to "
                 f"{len(piece)} bytes, the index says {unpacked}"
             )
-        self._cache.put(key, piece)
-        return piece
+        return bytes(piece)

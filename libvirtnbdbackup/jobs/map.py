@@ -102,7 +102,7 @@ class MapJob:
                 record["domain"] = self._boot(disks, stack)
             elif not self.opts.listen:
                 record["device"] = self._block_device(disks[0], stack)
-            record["exports"] = {m.disk: m.server.uri for m in disks if m.server}
+            record["exports"] = {m.server.export: m.server.uri for m in disks if m.server}
             _register(record)
             stack.callback(_unregister)
             print(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -241,3 +243,35 @@ def test_piece_cache_stays_within_its_limit() -> None:
     assert cache.get((0, 4)) is not None
     assert cache.get((0, 0)) is None
     assert sum(len(cache.get((0, n)) or b"") for n in range(5)) <= 10
+
+
+def test_a_piece_wanted_by_many_threads_is_decompressed_once() -> None:
+    cache = PieceCache(limit=1 << 20)
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def load() -> bytes:
+        calls.append(1)
+        gate.wait(5)
+        return b"piece"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [pool.submit(cache.get_or_load, (0, 0), load) for _ in range(8)]
+        time.sleep(0.1)
+        gate.set()
+        assert [r.result(5) for r in results] == [b"piece"] * 8
+    assert len(calls) == 1
+
+
+def test_a_failed_load_is_reported_to_every_waiter() -> None:
+    cache = PieceCache(limit=1 << 20)
+
+    def load() -> bytes:
+        time.sleep(0.05)
+        raise StreamError("damaged")
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [pool.submit(cache.get_or_load, (0, 0), load) for _ in range(4)]
+        for r in results:
+            with pytest.raises(StreamError):
+                r.result(5)
