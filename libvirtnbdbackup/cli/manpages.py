@@ -137,6 +137,23 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
         "printed as JSON, with -o verify every data file is checked against its "
         "checksum file.",
     ),
+    "virtnbdmap": (
+        "virtnbdmap serves the disk that a chain of backup data files restores to as "
+        "one NBD export, without restoring it first. An nbdkit server with the "
+        "package's python plugin answers each read from the newest file holding the "
+        "range; unsaved ranges and zero frames read as zeroes; lz4-compressed files are "
+        "decompressed piece by piece. Writes go to nbdkit's copy-on-write filter and "
+        "never reach the backup files; -r refuses them.",
+        "The export becomes /dev/nbdN where the kernel has the nbd module, otherwise a "
+        "loop device on the file nbdfuse makes of it, with its partitions; with --listen "
+        "it is only served; with --boot a transient domain is started from the saved "
+        "domain XML with qcow2 overlays on the exports as disks. virtnbdmap runs until "
+        "Ctrl-C, SIGTERM or virtnbdmap --stop, then removes everything it set up, also "
+        "after an error; the overlays of --boot are kept.",
+        "Opening a chain reads the extent index side file of each data file, written "
+        "by the backup, and rebuilds it from the frame headers when it is missing or "
+        "stale.",
+    ),
 }
 
 FILES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -145,6 +162,7 @@ FILES: dict[str, tuple[tuple[str, str], ...]] = {
         ("OUTPUT/DISK.inc.virtnbdbackup.N.data", "Incremental backup up to checkpoint N."),
         ("OUTPUT/DISK.diff.EPOCH.data", "Differential backup taken at EPOCH."),
         ("OUTPUT/*.data.chksum", "Adler-32 checksum of each stream data file."),
+        ("OUTPUT/*.data.idx", "Extent index of each stream data file, for virtnbdmap."),
         ("OUTPUT/*.partial", "A data file being written; left behind only by a crash."),
         ("OUTPUT/DOMAIN.cpt", "The checkpoint chain of the backup set, as a JSON list."),
         ("OUTPUT/checkpoints/NAME.xml", "Checkpoint XML, to redefine lost checkpoints (-C)."),
@@ -160,6 +178,13 @@ FILES: dict[str, tuple[tuple[str, str], ...]] = {
         ("OUTPUT/vmconfig.IDENT.xml", "The domain XML of the backup, adjusted with -c."),
         ("OUTPUT/BOOTFILE", "Restored loader, nvram, kernel and initrd files."),
         ("INPUT/*.data.partial", "Unfinished data files of a failed backup; ignored."),
+    ),
+    "virtnbdmap": (
+        ("INPUT/*.data.idx", "Extent index of each data file; rebuilt when missing or stale."),
+        ("INPUT/vmconfig.IDENT.xml", "The domain XML --boot starts."),
+        ("/var/tmp/virtnbdmap.*/", "Sockets, FUSE mount point and copy-on-write layer."),
+        ("/var/tmp/virtnbdmap.NAME.*/DISK.overlay.qcow2", "Overlays of --boot (or -o)."),
+        ("/run/virtnbdmap/PID.json", "What a running instance mapped, for --stop."),
     ),
 }
 
