@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import NbdError
+from .command import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,8 @@ def kernel_has_nbd() -> bool:
 
 
 def _run(cmd: list[str], what: str) -> str:
-    log.debug("running %s", " ".join(cmd))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise NbdError(f"cannot {what}: {cmd[0]} is not installed") from None
-    if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()
-        raise NbdError(f"cannot {what}: {detail[-1] if detail else f'exit {proc.returncode}'}")
-    return proc.stdout
+    package = {"qemu-nbd": "qemu-utils", "fusermount3": "fuse3"}.get(cmd[0], "util-linux")
+    return run_tool(cmd, what, NbdError, package)
 
 
 def partitions(device: str) -> list[str]:
