@@ -19,6 +19,16 @@ PLUGIN = str(Path(__file__).resolve().parents[1] / "nbdkitplugin.py")
 _EXCEPTION_PREFIX = re.compile(r"^\s*[\w.]*(Error|Exception): ")
 START_TIMEOUT = 120.0
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
+# Each decompressed LZ4 piece is a fresh allocation of up to 32 MiB. By
+# default glibc maps and unmaps each one, and the page faults cost more than
+# the decompression (measured: about 1.7 times the read throughput of a
+# compressed chain with these settings). One arena that keeps freed memory
+# lets the pieces reuse it; the piece cache bounds how much is in use.
+MALLOC_TUNING = {
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    "MALLOC_ARENA_MAX": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,8 @@ class NbdkitServer:
         cmd = self.command()
         log.debug("running %s", " ".join(cmd))
         env = dict(os.environ, TMPDIR=str(self.workdir))  # the cow overlay lives here
+        for key, value in MALLOC_TUNING.items():
+            env.setdefault(key, value)
         try:
             with open(self.errfile, "wb") as err:
                 self._proc = subprocess.Popen(
