@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from libvirtnbdbackup.adapters import blockdev
 from libvirtnbdbackup.adapters.nbdkit import PLUGIN, Endpoint, NbdkitServer
 from libvirtnbdbackup.cli import map as map_cli
+from libvirtnbdbackup.errors import NbdError
 
 
 @pytest.mark.parametrize(
@@ -77,3 +79,29 @@ def test_two_x_option_names_are_kept() -> None:
                  "-l", "--listen-address", "-p", "--listen-port", "-r", "--readonly", "-n",
                  "--noprogress", "-v", "--verbose", "-V", "--version"]:
         assert name in options
+
+
+def test_kernel_nbd_device_attaches_and_detaches_with_qemu_nbd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This host has no nbd module: the commands are checked, not run."""
+    device = tmp_path / "nbd3"
+    device.touch()
+    ran: list[list[str]] = []
+    monkeypatch.setattr(blockdev, "_run", lambda cmd, what: ran.append(cmd) or "")
+    nbd = blockdev.KernelNbdDevice(str(device), "nbd+unix:///vda?socket=/s", readonly=True)
+    nbd.start()
+    nbd.stop()
+    nbd.stop()  # a second stop does nothing
+    assert ran[0] == [
+        "qemu-nbd", "--connect", str(device), "--format", "raw", "--read-only",
+        "nbd+unix:///vda?socket=/s",
+    ]
+    assert ran[-1] == ["qemu-nbd", "--disconnect", str(device)]
+    assert len([c for c in ran if c[0] == "qemu-nbd"]) == 2
+
+
+def test_missing_nbd_device_is_reported() -> None:
+    nbd = blockdev.KernelNbdDevice("/dev/nbd-none", "nbd+unix:///vda?socket=/s", readonly=False)
+    with pytest.raises(NbdError, match="does not exist"):
+        nbd.start()
