@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import subprocess
+from collections.abc import Callable
 
 from ..errors import VirtnbdError
 
 log = logging.getLogger(__name__)
 
 
-def run_tool(cmd: list[str], what: str, error: type[VirtnbdError], package: str) -> str:
-    """Run ``cmd``; its standard output, or ``error`` naming what failed and why.
+def run_tool(
+    argv: list[str],
+    what: str,
+    error: type[VirtnbdError],
+    package: str,
+    on_failure: Callable[[int, str], None] | None = None,
+) -> str:
+    """Run ``argv``; its standard output, or ``error`` naming what failed and why.
 
-    ``package`` is the Debian package to install when the tool is missing.
+    ``package`` is what to install when the tool is missing. ``on_failure``
+    sees the exit status and the reason first, and may raise its own error.
     """
-    log.debug("running %s", " ".join(cmd))
+    log.debug("running %s", shlex.join(argv))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        raise error(f"{cmd[0]} is not installed (install {package})") from None
+        raise error(f"{argv[0]} is not installed (install {package})") from None
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()
-        raise error(f"cannot {what}: {detail[-1] if detail else f'exit {proc.returncode}'}")
+        reason = detail[-1] if detail else f"exit {proc.returncode}"
+        if on_failure is not None:
+            on_failure(proc.returncode, reason)
+        raise error(f"cannot {what}: {reason}")
     return proc.stdout

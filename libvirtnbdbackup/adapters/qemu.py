@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import QemuToolError, SshError, VirtnbdError
+from .command import run_tool
 from .hosts import LOCAL, Host
 from .nbdclient import NbdAddress
 from .ssh import SSH_FAILED, unreachable
@@ -26,23 +27,17 @@ TLS_ID = "tls0"
 def run(cmd: list[str], what: str, host: Host = LOCAL) -> str:
     """Run a qemu tool on ``host``; its output."""
     argv = host.command(cmd)
-    log.debug("running %s", shlex.join(argv))
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise QemuToolError(f"{argv[0]} is not installed ({_package(argv[0])})") from None
-    if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()
-        reason = detail[-1] if detail else f"exit {proc.returncode}"
-        if host.is_remote and proc.returncode == SSH_FAILED:
+
+    def ssh_failed(status: int, reason: str) -> None:
+        if host.is_remote and status == SSH_FAILED:
             raise SshError(unreachable(host.name, reason))
-        where = f" on {host.name}" if host.is_remote else ""
-        raise QemuToolError(f"cannot {what}{where}: {reason}")
-    return proc.stdout
+
+    where = f" on {host.name}" if host.is_remote else ""
+    return run_tool(argv, f"{what}{where}", QemuToolError, _package(argv[0]), ssh_failed)
 
 
 def _package(tool: str) -> str:
-    return "install openssh-client" if tool == "ssh" else "install qemu-utils"
+    return "openssh-client" if tool == "ssh" else "qemu-utils"
 
 
 def image_info(path: str, host: Host = LOCAL) -> dict[str, Any]:
@@ -185,7 +180,7 @@ def nbd_server(
     except FileNotFoundError:
         if workdir:
             os.rmdir(workdir)
-        raise QemuToolError(f"{argv[0]} is not installed ({_package(argv[0])})") from None
+        raise QemuToolError(f"{argv[0]} is not installed (install {_package(argv[0])})") from None
     try:
         assert proc.stdout is not None and proc.stderr is not None
         if proc.stdout.readline().strip() != b"ready":
