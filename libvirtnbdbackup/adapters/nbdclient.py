@@ -8,6 +8,7 @@ link stays busy while Python writes or compresses the previous chunk.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -28,8 +29,8 @@ def bitmap_context(bitmap: str) -> str:
 
 STATE_HOLE = 1  # NBD_STATE_HOLE in base:allocation
 DIRTY = 1  # set in qemu:dirty-bitmap:NAME for blocks changed since the checkpoint
-DEFAULT_CHUNK = 4 * 1024 * 1024
-DEFAULT_DEPTH = 8
+DEFAULT_CHUNK = 1024 * 1024
+DEFAULT_DEPTH = 16
 MAX_BLOCK_STATUS = 1 << 31  # bytes asked per block status request
 DEFAULT_PORT = 10809
 
@@ -69,6 +70,41 @@ class NbdAddress:
 def _is_tls_failure(message: str) -> bool:
     """A refused certificate, ours or the server's: retrying cannot help."""
     return any(word in message for word in ("certificate", "gnutls", "TLS"))
+
+
+class BufferPool:
+    """Reused I/O buffers, shared by all connections of the process.
+
+    The python bindings of libnbd 1.14 never release the buffer export that
+    aio_pread/aio_pwrite take, so a buffer passed to them once is never
+    freed: a new buffer per request grows the process by the whole disk.
+    Buffers from this pool are passed again and again instead; the pool
+    grows only to the most requests in flight at once.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> memoryview:
+        with self._lock:
+            free = self._free.get(size)
+            buf = free.pop() if free else bytearray(size)
+        return memoryview(buf)
+
+    def put(self, view: memoryview) -> None:
+        buf = view.obj
+        assert isinstance(buf, bytearray)
+        with self._lock:
+            self._free.setdefault(len(buf), []).append(buf)
+
+
+BUFFERS = BufferPool()
+
+
+def _shared(view: memoryview) -> nbd.Buffer:
+    """An aio buffer over ``view``, without a copy."""
+    return nbd.Buffer.from_buffer(view)
 
 
 def _error(what: str, err: Exception) -> NbdError:
@@ -161,59 +197,79 @@ class NbdClient:
         ranges: Iterable[tuple[int, int]],
         chunk: int = DEFAULT_CHUNK,
         depth: int = DEFAULT_DEPTH,
-    ) -> Iterator[tuple[int, bytearray]]:
+    ) -> Iterator[tuple[int, memoryview]]:
         """Read ``(offset, length)`` ranges, yielding ``(offset, data)`` in order.
 
-        Each yielded buffer is new: the caller may keep it.
+        ``depth`` reads stay in flight, into reused buffers: a yielded view
+        is valid only until the next one is asked for (copy what must
+        outlive it). Memory use does not grow with the disk.
         """
         chunk = min(chunk, self.max_request)
-        pending: deque[tuple[int, int, bytearray, nbd.Buffer]] = deque()
-
-        def submit(offset: int, length: int) -> None:
-            data = bytearray(length)
-            buf = nbd.Buffer.from_buffer(data)
-            try:
-                cookie = self._h.aio_pread(buf, offset)
-            except nbd.Error as err:
-                raise _error(f"{self.where}: read at offset {offset} failed", err) from None
-            pending.append((cookie, offset, data, buf))
-
-        for start, length in ranges:
-            for offset in range(start, start + length, chunk):
-                if len(pending) >= depth:
-                    yield self._complete(pending)
-                submit(offset, min(chunk, start + length - offset))
-        while pending:
-            yield self._complete(pending)
-
-    def _complete(
-        self, pending: deque[tuple[int, int, bytearray, nbd.Buffer]]
-    ) -> tuple[int, bytearray]:
-        cookie, offset, data, _buf = pending[0]
-        self._wait(cookie, f"read at offset {offset}")
-        pending.popleft()
-        return offset, data
+        pending: deque[tuple[int, int, memoryview]] = deque()
+        try:
+            for start, length in ranges:
+                for offset in range(start, start + length, chunk):
+                    if len(pending) >= depth:
+                        cookie, at, view = pending.popleft()
+                        self._wait(cookie, f"read at offset {at}")
+                        yield at, view
+                        BUFFERS.put(view)
+                    view = BUFFERS.get(chunk)[: min(chunk, start + length - offset)]
+                    try:
+                        cookie = self._h.aio_pread(_shared(view), offset)
+                    except nbd.Error as err:
+                        BUFFERS.put(view)
+                        raise _error(f"{self.where}: read at offset {offset} failed", err) from None
+                    pending.append((cookie, offset, view))
+            while pending:
+                cookie, at, view = pending.popleft()
+                self._wait(cookie, f"read at offset {at}")
+                yield at, view
+                BUFFERS.put(view)
+        finally:
+            self._settle(pending)
 
     def write(self, chunks: Iterable[tuple[int, Buffer]], depth: int = DEFAULT_DEPTH) -> None:
-        """Write ``(offset, data)`` chunks, keeping up to ``depth`` in flight."""
-        pending: deque[tuple[int, int, nbd.Buffer]] = deque()
-        for offset, data in chunks:
-            for pos in range(0, len(data), self.max_request):
-                piece = memoryview(data)[pos : pos + self.max_request]
-                if len(pending) >= depth:
-                    cookie, at, _buf = pending.popleft()
-                    self._wait(cookie, f"write at offset {at}")
-                buf = nbd.Buffer.from_buffer(piece)
-                try:
-                    cookie = self._h.aio_pwrite(buf, offset + pos)
-                except nbd.Error as err:
-                    raise _error(
-                        f"{self.where}: write at offset {offset + pos} failed", err
-                    ) from None
-                pending.append((cookie, offset + pos, buf))
+        """Write ``(offset, data)`` chunks, keeping up to ``depth`` requests in flight.
+
+        Data is copied into reused buffers of ``DEFAULT_CHUNK`` bytes, so the
+        caller may reuse its own at once.
+        """
+        size = min(DEFAULT_CHUNK, self.max_request)
+        pending: deque[tuple[int, int, memoryview]] = deque()
+        try:
+            for offset, data in chunks:
+                source = memoryview(data)
+                for pos in range(0, len(source), size):
+                    piece = source[pos : pos + size]
+                    if len(pending) >= depth:
+                        cookie, at, done = pending.popleft()
+                        self._wait(cookie, f"write at offset {at}")
+                        BUFFERS.put(done)
+                    view = BUFFERS.get(size)[: len(piece)]
+                    view[:] = piece
+                    try:
+                        cookie = self._h.aio_pwrite(_shared(view), offset + pos)
+                    except nbd.Error as err:
+                        BUFFERS.put(view)
+                        raise _error(
+                            f"{self.where}: write at offset {offset + pos} failed", err
+                        ) from None
+                    pending.append((cookie, offset + pos, view))
+            while pending:
+                cookie, at, done = pending.popleft()
+                self._wait(cookie, f"write at offset {at}")
+                BUFFERS.put(done)
+        finally:
+            self._settle(pending)
+
+    def _settle(self, pending: deque[tuple[int, int, memoryview]]) -> None:
+        """After an error: let requests in flight end before their buffers are reused."""
         while pending:
-            cookie, at, _buf = pending.popleft()
-            self._wait(cookie, f"write at offset {at}")
+            cookie, _at, view = pending.popleft()
+            with contextlib.suppress(nbd.Error, NbdError):
+                self._wait(cookie, "request")
+                BUFFERS.put(view)
 
     def zero(self, offset: int, length: int) -> None:
         pos = offset

@@ -167,7 +167,7 @@ def nbd_server(
     if readonly:
         args += ["--read-only"]
     else:
-        args += ["--cache", "writeback", "--discard", "unmap"]
+        args += ["--cache", "writeback", "--discard", "unmap", "--detect-zeroes", "unmap"]
     if bitmap:
         args += ["--bitmap", bitmap]
     serve = ["sh", "-c", _SERVE, "qemu-nbd", "qemu-nbd", *args, image]

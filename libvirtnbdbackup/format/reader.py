@@ -6,6 +6,7 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -33,6 +34,25 @@ class Frame:
     start: int
     length: int
     position: int  # offset of the frame header in the file
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One stored unit of a data frame's payload: all of it uncompressed, or
+    one LZ4 frame of a compressed payload."""
+
+    start: int  # disk offset of its first byte
+    length: int  # bytes it holds on the disk
+    position: int  # file offset of its stored bytes
+    stored: int  # stored byte count
+
+
+@dataclass(frozen=True)
+class IndexedFrame:
+    kind: Kind
+    start: int
+    length: int
+    pieces: tuple[Piece, ...]  # empty for zero frames
 
 
 class StreamReader:
@@ -63,6 +83,7 @@ class StreamReader:
             self._trailer = self._read_trailer()
         self._unread: Frame | None = None
         self._data_frames_read = 0
+        self._payload_start = self._pos
 
     @property
     def trailer(self) -> list[TrailerEntry]:
@@ -81,19 +102,9 @@ class StreamReader:
             if self._unread is not None:
                 self._skip_payload(self._unread)
             position = self._pos
-            header = self._header()
-            if header.kind is Kind.STOP:
+            frame = self._extent_header(position)
+            if frame is None:
                 break
-            if header.kind not in (Kind.DATA, Kind.ZERO):
-                raise StreamError(
-                    f"{self._where(position)}: unexpected {header.kind.value.decode()} frame"
-                )
-            frame = Frame(header.kind, header.start, header.length, position)
-            if frame.start + frame.length > self.meta.virtual_size:
-                raise StreamError(
-                    f"{self._where(position)}: extent {frame.start}+{frame.length} lies beyond "
-                    f"the disk size {self.meta.virtual_size}"
-                )
             if frame.kind is Kind.DATA:
                 if self.meta.is_compressed and data_frames >= len(self._trailer):
                     raise StreamError(
@@ -104,11 +115,95 @@ class StreamReader:
                 data_size += frame.length
                 self._unread = frame
             yield frame
+        self._check_data_size(data_size)
+
+    def _extent_header(self, position: int) -> Frame | None:
+        """The data or zero frame at ``position``; None at the stop frame."""
+        header = self._header()
+        if header.kind is Kind.STOP:
+            return None
+        if header.kind not in (Kind.DATA, Kind.ZERO):
+            raise StreamError(
+                f"{self._where(position)}: unexpected {header.kind.value.decode()} frame"
+            )
+        frame = Frame(header.kind, header.start, header.length, position)
+        if frame.start + frame.length > self.meta.virtual_size:
+            raise StreamError(
+                f"{self._where(position)}: extent {frame.start}+{frame.length} lies beyond "
+                f"the disk size {self.meta.virtual_size}"
+            )
+        return frame
+
+    def _check_data_size(self, data_size: int) -> None:
         if data_size != self.meta.data_size:
             raise StreamError(
                 f"{self.name}: data frames hold {data_size} bytes but the meta frame says "
                 f"dataSize {self.meta.data_size}"
             )
+
+    def index(self) -> list[IndexedFrame]:
+        """Every extent frame and where its payload lies, seeking over payloads.
+
+        Headers, CR LF terminators, trailer entries and ``dataSize`` are
+        checked as ``frames()`` does; the payload bytes are not read (LZ4's
+        checksums check compressed ones when they are decompressed).
+        """
+        if self._pos != self._payload_start:
+            raise ValueError("index() must be called on a fresh reader")
+        result: list[IndexedFrame] = []
+        data_size = 0
+        data_frames = 0
+        while True:
+            position = self._pos
+            frame = self._extent_header(position)
+            if frame is None:
+                break
+            if frame.kind is Kind.ZERO:
+                result.append(IndexedFrame(frame.kind, frame.start, frame.length, ()))
+                continue
+            if self.meta.is_compressed:
+                if data_frames >= len(self._trailer):
+                    raise StreamError(
+                        f"{self._where(position)}: more data frames than compression trailer "
+                        "entries"
+                    )
+                pieces = self._compressed_pieces(frame, self._trailer[data_frames])
+            else:
+                pieces = (Piece(frame.start, frame.length, self._pos, frame.length),)
+            data_frames += 1
+            data_size += frame.length
+            self._seek(pieces[-1].position + pieces[-1].stored)
+            self._expect_terminator()
+            result.append(IndexedFrame(frame.kind, frame.start, frame.length, pieces))
+        self._check_data_size(data_size)
+        return result
+
+    def _compressed_pieces(self, frame: Frame, entry: TrailerEntry) -> tuple[Piece, ...]:
+        sizes = [entry] if isinstance(entry, int) else next(iter(entry.values()))
+        piece_length = frame.length
+        if len(sizes) > 1:
+            # Pieces hold the same length but the last: read it from the
+            # first LZ4 frame's header (content size is always stored).
+            head = self._fh.read(32)
+            self._fh.seek(self._pos)
+            piece_length = lz4_content_size(head, self._where(self._pos))
+            if not piece_length or -(-frame.length // piece_length) != len(sizes):
+                raise StreamError(
+                    f"{self._where(frame.position)}: {len(sizes)} compressed pieces of "
+                    f"{piece_length} bytes cannot hold an extent of {frame.length} bytes"
+                )
+        pieces = []
+        position = self._pos
+        for i, size in enumerate(sizes):
+            start = frame.start + i * piece_length
+            length = min(piece_length, frame.start + frame.length - start)
+            pieces.append(Piece(start, length, position, size))
+            position += size
+        return tuple(pieces)
+
+    def _seek(self, position: int) -> None:
+        self._fh.seek(position)
+        self._pos = position
 
     def payload(self, frame: Frame, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         """The bytes of ``frame``, in chunks of at most ``chunk_size``."""
@@ -135,6 +230,7 @@ class StreamReader:
             if size > 2 * MAX_REQUEST_SIZE:
                 raise StreamError(f"{where}: compressed piece of {size} bytes is implausible")
             packed = self._read_exact(size, f"compressed data of extent at {frame.start}")
+            lz4_content_size(packed, where)
             try:
                 raw = memoryview(lz4.frame.decompress(packed))
             except RuntimeError as err:
@@ -216,6 +312,24 @@ class StreamReader:
         return f"{self.name} at offset {offset}"
 
 
+def lz4_content_size(head: bytes, where: str) -> int:
+    """The content size an LZ4 frame's header announces (0 if it has none).
+
+    Checked before decompressing: a damaged size would make lz4 allocate
+    that much memory.
+    """
+    try:
+        size = int(lz4.frame.get_frame_info(head)["content_size"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise StreamError(f"{where}: compressed data is damaged: {err}") from None
+    if size > MAX_REQUEST_SIZE:
+        raise StreamError(
+            f"{where}: compressed data is damaged: it announces {size} bytes, more than "
+            f"a piece holds"
+        )
+    return size
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -265,11 +379,54 @@ def is_stream_file(path: str) -> bool:
         return False
 
 
-def file_adler32(path: str, chunk_size: int = 16 * 1024 * 1024) -> int:
+ADLER_MOD = 65521
+SEGMENT = 64 * 1024 * 1024
+
+
+def adler32_concat(first: int, second: int, second_length: int) -> int:
+    """The Adler-32 of A + B from those of A and of B and B's length.
+
+    Adler-32 keeps s1 = 1 + sum of bytes and s2 = sum of the s1 values.
+    Starting B from A's s1 instead of 1 adds A1 - 1 to each of B's n
+    running sums, so s1 = A1 + B1 - 1 and s2 = A2 + B2 + n * (A1 - 1).
+    """
+    a1, a2 = first & 0xFFFF, first >> 16
+    b1, b2 = second & 0xFFFF, second >> 16
+    s1 = (a1 + b1 - 1) % ADLER_MOD
+    s2 = (a2 + b2 + second_length * (a1 - 1)) % ADLER_MOD
+    return (s2 << 16) | s1
+
+
+def file_adler32(path: str, chunk_size: int = 4 * 1024 * 1024, threads: int = 0) -> int:
+    """Adler-32 of a file, over segments read and summed on several threads.
+
+    zlib's adler32 and file reads release the GIL, so segments of 64 MiB
+    are checked side by side and their sums joined with adler32_concat.
+    """
+    size = os.path.getsize(path)
+    threads = threads or min(4, os.cpu_count() or 2)
+    segments = [(pos, min(SEGMENT, size - pos)) for pos in range(0, size, SEGMENT)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            sums = pool.map(lambda seg: _segment_adler32(fd, seg[0], seg[1], chunk_size), segments)
+            value = 1
+            for (_pos, length), part in zip(segments, sums, strict=True):
+                value = adler32_concat(value, part, length)
+    finally:
+        os.close(fd)
+    return value
+
+
+def _segment_adler32(fd: int, start: int, length: int, chunk_size: int) -> int:
     value = 1
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(chunk_size)
-        view = memoryview(buf)
-        while n := fh.readinto(buf):
-            value = zlib.adler32(view[:n], value)
+    buf = bytearray(min(chunk_size, length))
+    view = memoryview(buf)
+    pos, end = start, start + length
+    while pos < end:
+        n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+        if n <= 0:
+            raise StreamError(f"file changed while being read: ends at offset {pos}")
+        value = zlib.adler32(view[:n], value)
+        pos += n
     return value

@@ -27,20 +27,36 @@ from .meta import StreamMeta
 Buffer = bytes | bytearray | memoryview
 
 
+COMPRESS_SLICE = 1024 * 1024
+
+
+def compress_pieces(data: Buffer, level: int) -> list[bytes]:
+    """One standard LZ4 frame with content size and both checksums, in parts.
+
+    Fed in slices, lz4 never holds a second copy of a 32 MiB piece's output
+    (its one-shot call does, briefly); the bytes are the same.
+    """
+    packer = lz4.frame.LZ4FrameCompressor(
+        compression_level=level, block_checksum=True, content_checksum=True
+    )
+    view = memoryview(data)
+    parts = [packer.begin(source_size=len(view))]
+    for pos in range(0, len(view), COMPRESS_SLICE):
+        part = packer.compress(view[pos : pos + COMPRESS_SLICE])
+        if part:
+            parts.append(part)
+    parts.append(packer.flush())
+    return parts
+
+
 def compress_piece(data: Buffer, level: int) -> bytes:
     """One standard LZ4 frame with content size and both checksums."""
-    return lz4.frame.compress(
-        data,
-        compression_level=level,
-        block_checksum=True,
-        content_checksum=True,
-        store_size=True,
-    )
+    return b"".join(compress_pieces(data, level))
 
 
 @dataclass(frozen=True)
 class _PendingPiece:
-    future: Future[bytes]
+    future: Future[list[bytes]]
     sizes: list[int]
     index: int
 
@@ -95,6 +111,7 @@ class StreamWriter:
         self._window = max(1, window)
         self._queue: deque[Buffer | _PendingPiece] = deque()
         self._pending_pieces = 0
+        self._free_pieces: list[bytearray] = []  # appended to by compression threads
         # Per data frame: its length and its pieces' compressed sizes.
         self._pieces: list[tuple[int, list[int]]] = []
         self._next_offset = 0
@@ -190,27 +207,45 @@ class StreamWriter:
         sizes: list[int] = []
         self._pieces.append((length, sizes))
         piece_size = self._max_piece if length >= self._max_piece else length
-        piece = bytearray()
-        got = 0
+        piece = self._piece_buffer()
+        filled = got = 0
         for chunk in chunks:
-            got += len(chunk)
-            piece += chunk
-            while len(piece) >= piece_size:
-                self._add_piece(bytes(piece[:piece_size]), sizes)
-                del piece[:piece_size]
-        if piece:
-            self._add_piece(bytes(piece), sizes)
+            view = memoryview(chunk)
+            got += len(view)
+            while view:
+                n = min(len(view), piece_size - filled)
+                piece[filled : filled + n] = view[:n]
+                filled += n
+                view = view[n:]
+                if filled == piece_size:
+                    self._add_piece(piece, filled, sizes)
+                    piece = self._piece_buffer()
+                    filled = 0
+        if filled:
+            self._add_piece(piece, filled, sizes)
+        else:
+            self._free_pieces.append(piece)
         return got
 
-    def _add_piece(self, raw: bytes, sizes: list[int]) -> None:
+    def _piece_buffer(self) -> bytearray:
+        """A buffer for one piece; freed ones are reused, so memory stays flat."""
+        return self._free_pieces.pop() if self._free_pieces else bytearray(self._max_piece)
+
+    def _compress(self, piece: bytearray, length: int) -> list[bytes]:
         assert self._level is not None
+        packed = compress_pieces(memoryview(piece)[:length], self._level)
+        self._free_pieces.append(piece)
+        return packed
+
+    def _add_piece(self, piece: bytearray, length: int, sizes: list[int]) -> None:
         if self._executor is None:
-            packed = compress_piece(raw, self._level)
-            sizes.append(len(packed))
-            self._emit(packed)
+            packed = self._compress(piece, length)
+            sizes.append(sum(len(p) for p in packed))
+            for part in packed:
+                self._emit(part)
             return
         self._drain(self._window - 1)
-        future = self._executor.submit(compress_piece, raw, self._level)
+        future = self._executor.submit(self._compress, piece, length)
         sizes.append(-1)  # filled in when the piece is written
         self._queue.append(_PendingPiece(future, sizes, len(sizes) - 1))
         self._pending_pieces += 1
@@ -230,8 +265,9 @@ class StreamWriter:
             if isinstance(item, _PendingPiece):
                 self._pending_pieces -= 1
                 packed = item.future.result()
-                item.sizes[item.index] = len(packed)
-                self._out_bytes(packed)
+                item.sizes[item.index] = sum(len(p) for p in packed)
+                for part in packed:
+                    self._out_bytes(part)
             else:
                 self._out_bytes(item)
 

@@ -40,6 +40,19 @@ log = logging.getLogger(__name__)
 
 # Files whose presence means the folder already holds a backup set.
 BACKUP_SET_PATTERNS = ("*.data", "*.data.partial", "*.cpt", "vmconfig.*.xml")
+# lz4 runs at several hundred MiB/s per thread: a few threads outrun the
+# reads, and each one holds up to two 32 MiB pieces.
+MAX_COMPRESS_THREADS = 4
+
+
+def compress_window() -> int:
+    """Pieces compressed at once, besides the one being read.
+
+    Each holds up to 32 MiB twice (raw and compressed), so memory, not
+    speed, sets the bound: one on two cores (reading takes the other),
+    half the cores on larger hosts, at most four.
+    """
+    return max(1, min(MAX_COMPRESS_THREADS, (os.cpu_count() or 2) // 2))
 
 
 @dataclass
@@ -458,9 +471,10 @@ class BackupJob:
         workers = 1 if self.opts.to_stdout else max(1, self.opts.workers or len(disks))
         log.info("concurrent disk workers: %d", workers)
         compressor = None
+        threads = min(os.cpu_count() or 2, MAX_COMPRESS_THREADS)
         if self.opts.compress is not None:
-            compressor = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="lz4")
-        window = (os.cpu_count() or 2) + 1
+            compressor = ThreadPoolExecutor(threads, thread_name_prefix="lz4")
+        window = compress_window()
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="disk") as pool:
                 futures: list[Future[DiskResult]] = [

@@ -8,11 +8,14 @@ import os
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lz4.frame
 from tqdm import tqdm
 
 from ..adapters import qemu
@@ -21,8 +24,7 @@ from ..adapters.hosts import LOCAL, Host
 from ..adapters.nbdclient import NbdAddress, NbdClient
 from ..adapters.virt import Hypervisor
 from ..errors import Interrupted, StreamError, TargetError, UsageError, VirtnbdError
-from ..format.frames import Kind
-from ..format.reader import StreamReader, file_adler32
+from ..format.reader import Piece, StreamReader, file_adler32, lz4_content_size
 from ..targets.directory import PARTIAL_SUFFIX
 from .backupset import (
     DataFile,
@@ -35,8 +37,14 @@ from .backupset import (
     scan,
 )
 from .remote import Remote, RemoteOptions
+from .restoreplan import FrameWrites, RestorePlan, plan_chain
 
 log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024  # bytes read from an uncompressed data file at once
+# Compressed pieces hold up to 32 MiB each once decompressed: this many are
+# decompressed ahead of the one being written (see compress_window).
+DECOMPRESS_AHEAD = max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 @dataclass
@@ -238,13 +246,20 @@ class RestoreJob:
             log.warning("disk %s: no image information saved; using qemu-img defaults", disk)
         if self.opts.preallocate:
             options.append("preallocation=metadata")
+        plan = self._plan(chain, base.meta.virtual_size)
         partial = self._claim(image)
         # QEMU writes a compressed cluster only once, but a chain overwrites clusters:
         # replay into a plain working copy, then let qemu-img compress it.
         work = image + ".uncompressed" + PARTIAL_SUFFIX
         replay_into = work if self.opts.compress else partial
         started = time.monotonic()
-        total = sum(f.meta.data_size for f in chain if f.meta)
+        total = plan.data_bytes
+        log.info(
+            "disk %s: writing %d bytes of data and zeroing %d ranges",
+            disk,
+            total,
+            len(plan.zeros),
+        )
         try:
             qemu.create_image(replay_into, base.meta.virtual_size, "qcow2", options, self.host)
             with (
@@ -258,15 +273,18 @@ class RestoreJob:
                     position=position,
                     disable=not self.opts.progress,
                 ) as bar,
+                ThreadPoolExecutor(DECOMPRESS_AHEAD, thread_name_prefix="lz4") as pool,
             ):
                 client = NbdClient.connect(address, wait=10)
                 try:
-                    for index, data_file in enumerate(chain):
+                    for start, end in plan.zeros:
+                        client.zero(start, end - start)
+                    for data_file, writes in zip(chain, plan.files, strict=True):
                         log.info("disk %s: applying %s", disk, data_file.name)
-                        with open(data_file.path, "rb") as fh:
-                            reader = StreamReader(fh, str(data_file.path))
-                            self._check_fits(reader, base.meta.virtual_size)
-                            client.write(self._chunks(reader, client, index == 0, bar))
+                        assert data_file.meta is not None
+                        source = FileSource(data_file.path, data_file.meta.is_compressed, pool)
+                        with source:
+                            client.write(self._tracked(source.chunks(writes), bar))
                     client.flush()
                 finally:
                     client.close()
@@ -291,29 +309,143 @@ class RestoreJob:
         )
 
     @staticmethod
-    def _check_fits(reader: StreamReader, size: int) -> None:
-        if reader.meta.virtual_size != size:
-            raise StreamError(
-                f"{reader.name}: disk size {reader.meta.virtual_size} differs from the full "
-                f"backup's {size}"
-            )
+    def _plan(chain: list[DataFile], size: int) -> RestorePlan:
+        """Index each file of the chain (headers only) and plan the writes."""
+        indexes = []
+        for data_file in chain:
+            with open(data_file.path, "rb") as fh:
+                reader = StreamReader(fh, str(data_file.path))
+                if reader.meta.virtual_size != size:
+                    raise StreamError(
+                        f"{reader.name}: disk size {reader.meta.virtual_size} differs from the "
+                        f"full backup's {size}"
+                    )
+                indexes.append(reader.index())
+        return plan_chain(indexes)
 
-    def _chunks(
-        self, reader: StreamReader, client: NbdClient, fresh: bool, bar: tqdm
+    def _tracked(
+        self, chunks: Iterator[tuple[int, memoryview]], bar: tqdm
     ) -> Iterator[tuple[int, memoryview]]:
-        """The data writes of one file; zero frames need no write on a fresh image."""
-        for frame in reader.frames():
-            if frame.kind is Kind.ZERO:
-                if not fresh:
-                    client.zero(frame.start, frame.length)
-                continue
-            offset = frame.start
-            for chunk in reader.payload(frame):
-                if self.cancel.is_set():
-                    raise Interrupted("restore interrupted")
-                yield offset, chunk
-                offset += len(chunk)
-                bar.update(len(chunk))
+        for offset, chunk in chunks:
+            if self.cancel.is_set():
+                raise Interrupted("restore interrupted")
+            yield offset, chunk
+            bar.update(len(chunk))
+
+
+class FileSource:
+    """The bytes a restore plan takes from one data file.
+
+    Uncompressed payloads are read where they lie; compressed pieces are
+    read and decompressed on a thread pool (lz4 releases the GIL), a few
+    ahead of the one being written, in order.
+    """
+
+    def __init__(self, path: Path, compressed: bool, pool: Executor) -> None:
+        self.path = path
+        self.compressed = compressed
+        self.pool = pool
+        self._fd = os.open(path, os.O_RDONLY)
+        self._buffer = bytearray(CHUNK)
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self._fd)
+
+    def chunks(self, writes: list[FrameWrites]) -> Iterator[tuple[int, memoryview]]:
+        """``(disk offset, data)``; each view is valid until the next is asked for."""
+        if self.compressed:
+            yield from self._decompressed(writes)
+            return
+        view = memoryview(self._buffer)
+        for frame, parts in writes:
+            piece = frame.pieces[0]
+            for start, end in parts:
+                for offset in range(start, end, CHUNK):
+                    n = min(CHUNK, end - offset)
+                    position = piece.position + offset - frame.start
+                    got = os.preadv(self._fd, [view[:n]], position)
+                    if got != n:
+                        raise StreamError(
+                            f"{self.path} at offset {position + got}: file ends inside the "
+                            f"extent at {frame.start} (the file is truncated)"
+                        )
+                    yield offset, view[:n]
+
+    def _decompressed(self, writes: list[FrameWrites]) -> Iterator[tuple[int, memoryview]]:
+        pending: deque[tuple[Future[list[bytes]], Piece, list[tuple[int, int]]]] = deque()
+
+        def wanted() -> Iterator[tuple[Piece, list[tuple[int, int]]]]:
+            for frame, parts in writes:
+                for piece in frame.pieces:
+                    end = piece.start + piece.length
+                    mine = [
+                        (max(a, piece.start), min(b, end))
+                        for a, b in parts
+                        if a < end and b > piece.start
+                    ]
+                    if mine:
+                        yield piece, mine
+
+        try:
+            for piece, parts in wanted():
+                pending.append((self.pool.submit(self._decompress, piece), piece, parts))
+                if len(pending) > DECOMPRESS_AHEAD:
+                    yield from self._slices(*pending.popleft())
+            while pending:
+                yield from self._slices(*pending.popleft())
+        finally:
+            for future, _piece, _parts in pending:
+                future.cancel()
+            wait([f for f, _p, _q in pending])
+
+    @staticmethod
+    def _slices(
+        future: Future[list[bytes]], piece: Piece, parts: list[tuple[int, int]]
+    ) -> Iterator[tuple[int, memoryview]]:
+        """The planned parts of a decompressed piece, from its output chunks."""
+        pos = piece.start
+        for chunk in future.result():
+            end = pos + len(chunk)
+            view = memoryview(chunk)
+            for a, b in parts:
+                if a < end and b > pos:
+                    yield max(a, pos), view[max(a, pos) - pos : min(b, end) - pos]
+            pos = end
+
+    def _decompress(self, piece: Piece) -> list[bytes]:
+        """One LZ4 frame, read and decompressed in slices (never two copies of it)."""
+        where = f"{self.path} at offset {piece.position}"
+        unpacker = lz4.frame.LZ4FrameDecompressor()
+        out: list[bytes] = []
+        got = 0
+        try:
+            for pos in range(piece.position, piece.position + piece.stored, CHUNK):
+                packed = os.pread(self._fd, min(CHUNK, piece.position + piece.stored - pos), pos)
+                if not packed:
+                    raise StreamError(
+                        f"{where}: file ends inside compressed data (the file is truncated)"
+                    )
+                if pos == piece.position and lz4_content_size(packed, where) != piece.length:
+                    raise StreamError(
+                        f"{where}: compressed piece does not hold the {piece.length} bytes "
+                        "of its extent (the data is damaged)"
+                    )
+                raw = unpacker.decompress(packed)
+                got += len(raw)
+                if got > piece.length:
+                    break
+                out.append(raw)
+        except RuntimeError as err:
+            raise StreamError(f"{where}: compressed data is damaged: {err}") from None
+        if got != piece.length or not unpacker.eof or unpacker.unused_data:
+            raise StreamError(
+                f"{where}: compressed piece does not hold the {piece.length} bytes of its "
+                "extent (the data is damaged)"
+            )
+        return out
 
 
 def dump(folder: str) -> list[dict[str, object]]:

@@ -20,7 +20,7 @@ from libvirtnbdbackup.errors import StreamError
 from libvirtnbdbackup.format import frames
 from libvirtnbdbackup.format.frames import HEADER_SIZE, Kind
 from libvirtnbdbackup.format.meta import StreamMeta
-from libvirtnbdbackup.format.reader import StreamReader, file_adler32
+from libvirtnbdbackup.format.reader import StreamReader, adler32_concat, file_adler32
 from libvirtnbdbackup.format.writer import StreamWriter
 
 Compression = bool | int
@@ -360,3 +360,22 @@ def test_window_bounds_the_pieces_waiting_for_compression(window: int) -> None:
     assert executor.most_outstanding == window
     plain, _, _ = write_stream(extents, 4096, 2, max_piece=100)
     assert raw == plain
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.binary(max_size=3000), b=st.binary(max_size=3000), big=st.booleans())
+def test_adler32_concat_equals_the_sum_of_the_whole(a: bytes, b: bytes, big: bool) -> None:
+    if big:  # lengths past the modulus, and sums that wrap
+        a, b = a * 50 + b"\xff" * 70000, b"\xfe" * 66000 + b
+    assert adler32_concat(zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(a + b)
+
+
+def test_file_adler32_over_many_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("libvirtnbdbackup.format.reader.SEGMENT", 1000)
+    data = bytes(range(256)) * 37 + b"\xff" * 5001
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    for threads in (1, 3):
+        assert file_adler32(str(path), chunk_size=333, threads=threads) == zlib.adler32(data)
+    path.write_bytes(b"")
+    assert file_adler32(str(path)) == 1
