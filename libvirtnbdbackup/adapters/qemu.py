@@ -98,9 +98,7 @@ def convert_raw(source: str, dest: str) -> None:
     run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "raw", source, dest], f"copy {source}")
 
 
-def convert_compressed(
-    source: str, dest: str, options: list[str], host: Host = LOCAL
-) -> None:
+def convert_compressed(source: str, dest: str, options: list[str], host: Host = LOCAL) -> None:
     """Copy a qcow2 image into a new one whose clusters are compressed."""
     cmd = ["qemu-img", "convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2"]
     if options:

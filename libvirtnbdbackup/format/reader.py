@@ -36,25 +36,6 @@ class Frame:
     position: int  # offset of the frame header in the file
 
 
-@dataclass(frozen=True)
-class Piece:
-    """One stored unit of a data frame's payload: all of it uncompressed, or
-    one LZ4 frame of a compressed payload."""
-
-    start: int  # disk offset of its first byte
-    length: int  # bytes it holds on the disk
-    position: int  # file offset of its stored bytes
-    stored: int  # stored byte count
-
-
-@dataclass(frozen=True)
-class IndexedFrame:
-    kind: Kind
-    start: int
-    length: int
-    pieces: tuple[Piece, ...]  # empty for zero frames
-
-
 class StreamReader:
     """Iterates over the extent frames of a data file, checking as it goes.
 
@@ -83,7 +64,6 @@ class StreamReader:
             self._trailer = self._read_trailer()
         self._unread: Frame | None = None
         self._data_frames_read = 0
-        self._payload_start = self._pos
 
     @property
     def trailer(self) -> list[TrailerEntry]:
@@ -102,9 +82,19 @@ class StreamReader:
             if self._unread is not None:
                 self._skip_payload(self._unread)
             position = self._pos
-            frame = self._extent_header(position)
-            if frame is None:
+            header = self._header()
+            if header.kind is Kind.STOP:
                 break
+            if header.kind not in (Kind.DATA, Kind.ZERO):
+                raise StreamError(
+                    f"{self._where(position)}: unexpected {header.kind.value.decode()} frame"
+                )
+            frame = Frame(header.kind, header.start, header.length, position)
+            if frame.start + frame.length > self.meta.virtual_size:
+                raise StreamError(
+                    f"{self._where(position)}: extent {frame.start}+{frame.length} lies beyond "
+                    f"the disk size {self.meta.virtual_size}"
+                )
             if frame.kind is Kind.DATA:
                 if self.meta.is_compressed and data_frames >= len(self._trailer):
                     raise StreamError(
@@ -115,95 +105,11 @@ class StreamReader:
                 data_size += frame.length
                 self._unread = frame
             yield frame
-        self._check_data_size(data_size)
-
-    def _extent_header(self, position: int) -> Frame | None:
-        """The data or zero frame at ``position``; None at the stop frame."""
-        header = self._header()
-        if header.kind is Kind.STOP:
-            return None
-        if header.kind not in (Kind.DATA, Kind.ZERO):
-            raise StreamError(
-                f"{self._where(position)}: unexpected {header.kind.value.decode()} frame"
-            )
-        frame = Frame(header.kind, header.start, header.length, position)
-        if frame.start + frame.length > self.meta.virtual_size:
-            raise StreamError(
-                f"{self._where(position)}: extent {frame.start}+{frame.length} lies beyond "
-                f"the disk size {self.meta.virtual_size}"
-            )
-        return frame
-
-    def _check_data_size(self, data_size: int) -> None:
         if data_size != self.meta.data_size:
             raise StreamError(
                 f"{self.name}: data frames hold {data_size} bytes but the meta frame says "
                 f"dataSize {self.meta.data_size}"
             )
-
-    def index(self) -> list[IndexedFrame]:
-        """Every extent frame and where its payload lies, seeking over payloads.
-
-        Headers, CR LF terminators, trailer entries and ``dataSize`` are
-        checked as ``frames()`` does; the payload bytes are not read (LZ4's
-        checksums check compressed ones when they are decompressed).
-        """
-        if self._pos != self._payload_start:
-            raise ValueError("index() must be called on a fresh reader")
-        result: list[IndexedFrame] = []
-        data_size = 0
-        data_frames = 0
-        while True:
-            position = self._pos
-            frame = self._extent_header(position)
-            if frame is None:
-                break
-            if frame.kind is Kind.ZERO:
-                result.append(IndexedFrame(frame.kind, frame.start, frame.length, ()))
-                continue
-            if self.meta.is_compressed:
-                if data_frames >= len(self._trailer):
-                    raise StreamError(
-                        f"{self._where(position)}: more data frames than compression trailer "
-                        "entries"
-                    )
-                pieces = self._compressed_pieces(frame, self._trailer[data_frames])
-            else:
-                pieces = (Piece(frame.start, frame.length, self._pos, frame.length),)
-            data_frames += 1
-            data_size += frame.length
-            self._seek(pieces[-1].position + pieces[-1].stored)
-            self._expect_terminator()
-            result.append(IndexedFrame(frame.kind, frame.start, frame.length, pieces))
-        self._check_data_size(data_size)
-        return result
-
-    def _compressed_pieces(self, frame: Frame, entry: TrailerEntry) -> tuple[Piece, ...]:
-        sizes = [entry] if isinstance(entry, int) else next(iter(entry.values()))
-        piece_length = frame.length
-        if len(sizes) > 1:
-            # Pieces hold the same length but the last: read it from the
-            # first LZ4 frame's header (content size is always stored).
-            head = self._fh.read(32)
-            self._fh.seek(self._pos)
-            piece_length = lz4_content_size(head, self._where(self._pos))
-            if not piece_length or -(-frame.length // piece_length) != len(sizes):
-                raise StreamError(
-                    f"{self._where(frame.position)}: {len(sizes)} compressed pieces of "
-                    f"{piece_length} bytes cannot hold an extent of {frame.length} bytes"
-                )
-        pieces = []
-        position = self._pos
-        for i, size in enumerate(sizes):
-            start = frame.start + i * piece_length
-            length = min(piece_length, frame.start + frame.length - start)
-            pieces.append(Piece(start, length, position, size))
-            position += size
-        return tuple(pieces)
-
-    def _seek(self, position: int) -> None:
-        self._fh.seek(position)
-        self._pos = position
 
     def payload(self, frame: Frame, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         """The bytes of ``frame``, in chunks of at most ``chunk_size``."""

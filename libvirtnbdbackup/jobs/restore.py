@@ -24,7 +24,9 @@ from ..adapters.hosts import LOCAL, Host
 from ..adapters.nbdclient import NbdAddress, NbdClient
 from ..adapters.virt import Hypervisor
 from ..errors import Interrupted, StreamError, TargetError, UsageError, VirtnbdError
-from ..format.reader import Piece, StreamReader, file_adler32, lz4_content_size
+from ..format.chainimage import merge_layers
+from ..format.index import Extent, FileIndex, build_index, load_index
+from ..format.reader import file_adler32, lz4_content_size
 from ..targets.directory import PARTIAL_SUFFIX
 from .backupset import (
     DataFile,
@@ -37,7 +39,6 @@ from .backupset import (
     scan,
 )
 from .remote import Remote, RemoteOptions
-from .restoreplan import FrameWrites, RestorePlan, plan_chain
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +254,8 @@ class RestoreJob:
         work = image + ".uncompressed" + PARTIAL_SUFFIX
         replay_into = work if self.opts.compress else partial
         started = time.monotonic()
-        total = plan.data_bytes
-        log.info(
-            "disk %s: writing %d bytes of data and zeroing %d ranges",
-            disk,
-            total,
-            len(plan.zeros),
-        )
+        total = sum(end - start for writes in plan for _extent, start, end in writes)
+        log.info("disk %s: writing %d bytes of data", disk, total)
         try:
             qemu.create_image(replay_into, base.meta.virtual_size, "qcow2", options, self.host)
             with (
@@ -277,9 +273,7 @@ class RestoreJob:
             ):
                 client = NbdClient.connect(address, wait=10)
                 try:
-                    for start, end in plan.zeros:
-                        client.zero(start, end - start)
-                    for data_file, writes in zip(chain, plan.files, strict=True):
+                    for data_file, writes in zip(chain, plan, strict=True):
                         log.info("disk %s: applying %s", disk, data_file.name)
                         assert data_file.meta is not None
                         source = FileSource(data_file.path, data_file.meta.is_compressed, pool)
@@ -309,19 +303,19 @@ class RestoreJob:
         )
 
     @staticmethod
-    def _plan(chain: list[DataFile], size: int) -> RestorePlan:
-        """Index each file of the chain (headers only) and plan the writes."""
+    def _plan(chain: list[DataFile], size: int) -> list[list[Write]]:
+        """Index each file of the chain (side file, or its frame headers) and plan the writes."""
         indexes = []
         for data_file in chain:
-            with open(data_file.path, "rb") as fh:
-                reader = StreamReader(fh, str(data_file.path))
-                if reader.meta.virtual_size != size:
-                    raise StreamError(
-                        f"{reader.name}: disk size {reader.meta.virtual_size} differs from the "
-                        f"full backup's {size}"
-                    )
-                indexes.append(reader.index())
-        return plan_chain(indexes)
+            path = str(data_file.path)
+            with open(path, "rb") as fh:
+                index = load_index(path, fh) or build_index(fh, path)
+            if index.virtual_size != size:
+                raise StreamError(
+                    f"{path}: disk size {index.virtual_size} differs from the full backup's {size}"
+                )
+            indexes.append(index)
+        return plan_writes(indexes, size)
 
     def _tracked(
         self, chunks: Iterator[tuple[int, memoryview]], bar: tqdm
@@ -333,12 +327,41 @@ class RestoreJob:
             bar.update(len(chunk))
 
 
+Write = tuple[Extent, int, int]  # a data extent and the part [start, end) of it to write
+
+
+def plan_writes(indexes: list[FileIndex], size: int) -> list[list[Write]]:
+    """Per file of the chain (oldest first), the parts of its data extents
+    that hold the newest bytes of the disk, in disk order.
+
+    Only the newest file covering a byte writes it: data a later file
+    overwrites is never read nor written, and no two writes overlap. On the
+    fresh image nothing else is needed: where the newest frame is a zero
+    frame, or no file has data, the image reads as zeros already.
+    """
+    writes: list[list[Write]] = [[] for _ in indexes]
+    for segment in merge_layers(indexes, size):
+        if segment.extent is not None:
+            writes[segment.layer].append((segment.extent, segment.start, segment.end))
+    return writes
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One LZ4 frame of a compressed extent."""
+
+    start: int  # disk offset of its first byte
+    length: int  # bytes it holds on the disk
+    position: int  # file offset of its stored bytes
+    stored: int  # stored byte count
+
+
 class FileSource:
     """The bytes a restore plan takes from one data file.
 
     Uncompressed payloads are read where they lie; compressed pieces are
-    read and decompressed on a thread pool (lz4 releases the GIL), a few
-    ahead of the one being written, in order.
+    read and decompressed on a thread pool (lz4 releases the GIL), ahead of
+    the one being written, in order.
     """
 
     def __init__(self, path: Path, compressed: bool, pool: Executor) -> None:
@@ -354,43 +377,48 @@ class FileSource:
     def __exit__(self, *_exc: object) -> None:
         os.close(self._fd)
 
-    def chunks(self, writes: list[FrameWrites]) -> Iterator[tuple[int, memoryview]]:
+    def chunks(self, writes: list[Write]) -> Iterator[tuple[int, memoryview]]:
         """``(disk offset, data)``; each view is valid until the next is asked for."""
         if self.compressed:
             yield from self._decompressed(writes)
             return
         view = memoryview(self._buffer)
-        for frame, parts in writes:
-            piece = frame.pieces[0]
-            for start, end in parts:
-                for offset in range(start, end, CHUNK):
-                    n = min(CHUNK, end - offset)
-                    position = piece.position + offset - frame.start
-                    got = os.preadv(self._fd, [view[:n]], position)
-                    if got != n:
-                        raise StreamError(
-                            f"{self.path} at offset {position + got}: file ends inside the "
-                            f"extent at {frame.start} (the file is truncated)"
-                        )
-                    yield offset, view[:n]
+        for extent, start, end in writes:
+            for offset in range(start, end, CHUNK):
+                n = min(CHUNK, end - offset)
+                position = extent.offset + offset - extent.start
+                got = os.preadv(self._fd, [view[:n]], position)
+                if got != n:
+                    raise StreamError(
+                        f"{self.path} at offset {position + got}: file ends inside the "
+                        f"extent at {extent.start} (the file is truncated)"
+                    )
+                yield offset, view[:n]
 
-    def _decompressed(self, writes: list[FrameWrites]) -> Iterator[tuple[int, memoryview]]:
+    @staticmethod
+    def _pieces(writes: list[Write]) -> Iterator[tuple[Piece, list[tuple[int, int]]]]:
+        """Each piece the writes need once, with the parts of it they take."""
+        current: Piece | None = None
+        parts: list[tuple[int, int]] = []
+        for extent, start, end in writes:
+            disk, position = extent.start, extent.offset
+            for stored, length in extent.pieces:
+                if start < disk + length and end > disk:
+                    piece = Piece(disk, length, position, stored)
+                    if current is not None and piece != current:
+                        yield current, parts
+                        parts = []
+                    current = piece
+                    parts.append((max(start, disk), min(end, disk + length)))
+                disk += length
+                position += stored
+        if current is not None:
+            yield current, parts
+
+    def _decompressed(self, writes: list[Write]) -> Iterator[tuple[int, memoryview]]:
         pending: deque[tuple[Future[list[bytes]], Piece, list[tuple[int, int]]]] = deque()
-
-        def wanted() -> Iterator[tuple[Piece, list[tuple[int, int]]]]:
-            for frame, parts in writes:
-                for piece in frame.pieces:
-                    end = piece.start + piece.length
-                    mine = [
-                        (max(a, piece.start), min(b, end))
-                        for a, b in parts
-                        if a < end and b > piece.start
-                    ]
-                    if mine:
-                        yield piece, mine
-
         try:
-            for piece, parts in wanted():
+            for piece, parts in self._pieces(writes):
                 pending.append((self.pool.submit(self._decompress, piece), piece, parts))
                 if len(pending) > DECOMPRESS_AHEAD:
                     yield from self._slices(*pending.popleft())
