@@ -202,12 +202,15 @@ class ChainImage:
         self.read_into(memoryview(buf), offset)
         return bytes(buf)
 
-    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """(offset, length, reads as zero) runs covering ``offset``..``offset+length``."""
+    def extents(
+        self, offset: int, length: int, limit: int = 0
+    ) -> list[tuple[int, int, bool]]:
+        """(offset, length, reads as zero) runs from ``offset`` on, up to
+        ``offset+length`` or, with ``limit``, at most that many runs."""
         end = min(offset + length, self.size)
         runs: list[tuple[int, int, bool]] = []
         for seg in self._segments_from(offset):
-            if seg.start >= end:
+            if seg.start >= end or (limit and len(runs) == limit):
                 break
             start = max(seg.start, offset)
             runs.append((start, min(seg.end, end) - start, seg.extent is None))

@@ -128,6 +128,9 @@ def test_chain_reads_equal_a_restore(
             assert image.read(offset, length) == bytes(model[offset : offset + length])
         runs = image.extents(0, SIZE)
         assert sum(n for _o, n, _z in runs) == SIZE
+        for offset, _length in reads:  # a bounded reply is the start of the full one
+            whole = image.extents(offset, SIZE - offset)
+            assert image.extents(offset, SIZE - offset, limit=2) == whole[:2]
         for offset, length, zero in runs:
             if zero:
                 assert model[offset : offset + length] == bytes(length)
