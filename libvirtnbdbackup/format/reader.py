@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import lz4.frame
 
 from ..errors import StreamError
 from . import frames
+from .checksum import adler32
 from .frames import (
     HEADER_SIZE,
     MAX_JSON_SIZE,
@@ -306,7 +306,7 @@ def adler32_concat(first: int, second: int, second_length: int) -> int:
 def file_adler32(path: str, chunk_size: int = 4 * 1024 * 1024, threads: int = 0) -> int:
     """Adler-32 of a file, over segments read and summed on several threads.
 
-    zlib's adler32 and file reads release the GIL, so segments of 64 MiB
+    adler32 and file reads release the GIL, so segments of 64 MiB
     are checked side by side and their sums joined with adler32_concat.
     """
     size = os.path.getsize(path)
@@ -333,6 +333,6 @@ def _segment_adler32(fd: int, start: int, length: int, chunk_size: int) -> int:
         n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
         if n <= 0:
             raise StreamError(f"file changed while being read: ends at offset {pos}")
-        value = zlib.adler32(view[:n], value)
+        value = adler32(view[:n], value)
         pos += n
     return value

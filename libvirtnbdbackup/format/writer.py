@@ -9,7 +9,6 @@ and pending compressions that is drained from the front.
 from __future__ import annotations
 
 import json
-import zlib
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Executor, Future
@@ -20,6 +19,7 @@ import lz4.frame
 
 from ..errors import StreamError
 from . import frames
+from .checksum import adler32
 from .frames import HEADER_SIZE, MAX_REQUEST_SIZE, TERMINATOR, Kind, TrailerEntry
 from .index import FINGERPRINT_SPAN, Extent, FileIndex, fingerprint_of
 from .meta import StreamMeta
@@ -74,7 +74,7 @@ class ChecksumWriter:
 
     def write(self, data: Buffer) -> None:
         self.raw.write(data)
-        self.adler32 = zlib.adler32(data, self.adler32)
+        self.adler32 = adler32(data, self.adler32)
         self.written += len(data)
         if len(self.head) < FINGERPRINT_SPAN:
             self.head += memoryview(data)[: FINGERPRINT_SPAN - len(self.head)]

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from libvirtnbdbackup.errors import StreamError
-from libvirtnbdbackup.format import frames
+from libvirtnbdbackup.format import checksum, frames
 from libvirtnbdbackup.format.frames import HEADER_SIZE, Kind
 from libvirtnbdbackup.format.meta import StreamMeta
 from libvirtnbdbackup.format.reader import StreamReader, adler32_concat, file_adler32
@@ -379,3 +379,12 @@ def test_file_adler32_over_many_segments(tmp_path: Path, monkeypatch: pytest.Mon
         assert file_adler32(str(path), chunk_size=333, threads=threads) == zlib.adler32(data)
     path.write_bytes(b"")
     assert file_adler32(str(path)) == 1
+
+
+ADLER_HALF = st.integers(min_value=0, max_value=65520)  # each sum is kept modulo 65521
+
+
+@given(st.binary(max_size=100_000), ADLER_HALF, ADLER_HALF)
+def test_checksum_is_zlibs_adler32(data: bytes, low: int, high: int) -> None:
+    start = high << 16 | low  # any running value a file's checksum can pass through
+    assert checksum.adler32(data, start) == zlib.adler32(data, start)
