@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -25,13 +26,14 @@ PKI_MARKER = "made-by-virtnbdbackup-tests"
 
 
 def free_ports(count: int = 1) -> int:
-    """The first of ``count`` consecutive TCP ports free on 127.0.0.1."""
+    """The first of ``count`` consecutive TCP ports free on 127.0.0.1.
+
+    Taken below the kernel's ephemeral range: a port from there could be
+    given to an outgoing connection (ssh, NBD) before the server binds it.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        if first + count > 65535:
-            continue
+        first = random.randrange(10000, low - count)
         held = []
         try:
             for port in range(first, first + count):

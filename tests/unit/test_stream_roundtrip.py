@@ -388,3 +388,9 @@ ADLER_HALF = st.integers(min_value=0, max_value=65520)  # each sum is kept modul
 def test_checksum_is_zlibs_adler32(data: bytes, low: int, high: int) -> None:
     start = high << 16 | low  # any running value a file's checksum can pass through
     assert checksum.adler32(data, start) == zlib.adler32(data, start)
+
+
+def test_checksum_uses_zlib_ng_where_installed() -> None:
+    from zlib_ng import zlib_ng  # a dependency of the package: the commands get the fast one
+
+    assert checksum.adler32 is zlib_ng.adler32
