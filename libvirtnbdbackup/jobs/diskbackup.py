@@ -32,7 +32,7 @@ READ_CHUNK = 1024 * 1024
 READ_DEPTH = 16
 # With lz4 the compression is the slower stage and each piece holds 32 MiB:
 # fewer reads in flight leave that memory to the pieces.
-READ_DEPTH_COMPRESSED = 8
+READ_DEPTH_COMPRESSED = 4
 
 
 @dataclass(frozen=True)
