@@ -19,8 +19,6 @@ class DataSink(Protocol):
 
 
 class Target(Protocol):
-    seekable: bool
-
     def open_data(self, name: str) -> DataSink: ...
 
     def write_file(self, name: str, data: bytes) -> None: ...

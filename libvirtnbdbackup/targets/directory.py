@@ -66,8 +66,6 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = True) -> None:
 
 
 class DirectoryTarget:
-    seekable = True
-
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:

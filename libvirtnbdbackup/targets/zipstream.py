@@ -31,8 +31,6 @@ class ZipEntry:
 
 
 class ZipTarget:
-    seekable = False
-
     def __init__(self, stream: IO[bytes]) -> None:
         try:
             self._zip = zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED, allowZip64=True)
