@@ -49,11 +49,6 @@ def compress_pieces(data: Buffer, level: int) -> list[bytes]:
     return parts
 
 
-def compress_piece(data: Buffer, level: int) -> bytes:
-    """One standard LZ4 frame with content size and both checksums."""
-    return b"".join(compress_pieces(data, level))
-
-
 @dataclass(frozen=True)
 class _PendingPiece:
     future: Future[list[bytes]]

@@ -8,10 +8,11 @@ import pytest
 
 from libvirtnbdbackup.adapters.nbdclient import Extent
 from libvirtnbdbackup.errors import StreamError, UsageError
-from libvirtnbdbackup.format.meta import StreamMeta
 from libvirtnbdbackup.jobs.backupset import DataFile, chains, ordered_sequence
 from libvirtnbdbackup.jobs.chainplan import plan_step
 from libvirtnbdbackup.jobs.diskbackup import Region, allocation_regions, changed_regions
+
+from .samples import sample_meta
 
 
 def test_allocation_regions_merge_by_kind() -> None:
@@ -67,15 +68,11 @@ def test_plan_steps() -> None:
 
 
 def data_file(name: str, checkpoint: str, parent: str, date: str = "") -> DataFile:
-    meta = StreamMeta(
+    meta = sample_meta(
         virtual_size=1,
-        data_size=0,
-        disk_name="vda",
-        disk_format="qcow2",
         checkpoint_name=checkpoint,
         parent_checkpoint=parent,
         incremental=bool(parent),
-        compressed=False,
         date=date,
     )
     return DataFile(Path(name), "vda", meta)

@@ -26,8 +26,9 @@ from libvirtnbdbackup.format.index import (
     load_index,
     open_index,
 )
-from libvirtnbdbackup.format.meta import StreamMeta
 from libvirtnbdbackup.format.writer import StreamWriter
+
+from .samples import sample_meta
 
 BLOCK = 4096
 BLOCKS = 64
@@ -46,11 +47,9 @@ def write_file(
     executor: ThreadPoolExecutor | None = None,
 ) -> StreamWriter:
     data_size = sum(n * BLOCK for _s, n, fill in frames if fill is not None)
-    meta = StreamMeta(
+    meta = sample_meta(
         virtual_size=SIZE,
         data_size=data_size,
-        disk_name="vda",
-        disk_format="qcow2",
         checkpoint_name=f"virtnbdbackup.{int(incremental)}",
         parent_checkpoint="virtnbdbackup.0" if incremental else "",
         incremental=incremental,
@@ -230,8 +229,11 @@ def test_chain_of_different_disk_sizes_is_refused(tmp_path: Path) -> None:
     a = tmp_path / "a.data"
     write_file(a, [(0, 64, 1)], incremental=False)
     b = tmp_path / "b.data"
-    meta = StreamMeta(
-        SIZE * 2, 0, "vda", "qcow2", "virtnbdbackup.1", "virtnbdbackup.0", True, False
+    meta = sample_meta(
+        virtual_size=SIZE * 2,
+        checkpoint_name="virtnbdbackup.1",
+        parent_checkpoint="virtnbdbackup.0",
+        incremental=True,
     )
     with open(b, "wb") as fh:
         StreamWriter(fh, meta).finish()

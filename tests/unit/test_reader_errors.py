@@ -16,7 +16,9 @@ from libvirtnbdbackup.format import frames
 from libvirtnbdbackup.format.frames import Kind
 from libvirtnbdbackup.format.meta import StreamMeta
 from libvirtnbdbackup.format.reader import StreamReader, is_stream_file, read_meta
-from libvirtnbdbackup.format.writer import StreamWriter, compress_piece
+from libvirtnbdbackup.format.writer import StreamWriter
+
+from .samples import compress_piece, sample_meta
 
 NAME = "/backups/vm1/vda.full.data"
 MAX_PIECE = 256
@@ -27,17 +29,7 @@ STOP = frames.encode(Kind.STOP, 0, 0)
 
 
 def make_meta(compressed: bool | int, data_size: int = DATA_SIZE) -> StreamMeta:
-    return StreamMeta(
-        virtual_size=1 << 20,
-        data_size=data_size,
-        disk_name="vda",
-        disk_format="qcow2",
-        checkpoint_name="virtnbdbackup.0",
-        parent_checkpoint="",
-        incremental=False,
-        compressed=compressed,
-        date="2024-05-06T07:08:09.123456",
-    )
+    return sample_meta(compressed=compressed, data_size=data_size)
 
 
 def write_valid(compressed: bool | int, out: BinaryIO | None = None) -> bytes:

@@ -23,10 +23,11 @@ from libvirtnbdbackup.format.meta import StreamMeta
 from libvirtnbdbackup.format.reader import StreamReader, adler32_concat, file_adler32
 from libvirtnbdbackup.format.writer import StreamWriter
 
+from .samples import sample_meta
+
 Compression = bool | int
 # kind, start, length, payload (empty for zero frames)
 ReadFrame = tuple[Kind, int, int, bytes]
-DATE = "2024-05-06T07:08:09.123456"
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,7 @@ class Extent:
 
 
 def make_meta(virtual_size: int, data_size: int, compressed: Compression) -> StreamMeta:
-    return StreamMeta(
-        virtual_size=virtual_size,
-        data_size=data_size,
-        disk_name="vda",
-        disk_format="qcow2",
-        checkpoint_name="virtnbdbackup.0",
-        parent_checkpoint="",
-        incremental=False,
-        compressed=compressed,
-        date=DATE,
-    )
+    return sample_meta(virtual_size=virtual_size, data_size=data_size, compressed=compressed)
 
 
 def write_stream(
