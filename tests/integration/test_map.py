@@ -344,3 +344,40 @@ def assert_no_leftovers(device: str | None, m: Mapping) -> None:
     assert str(socket.parent) not in Path("/proc/mounts").read_text()
     for pid, name in m.helpers.items():
         assert process_name(pid) != name, f"{name} (pid {pid}) still runs"
+
+
+def test_block_status_replies_are_bounded_on_a_fragmented_chain(
+    conn: libvirt.virConnect,
+) -> None:
+    """Clients ask for the rest of the disk at once; a reply lists at most a
+    bounded number of runs (else qemu-img convert slows to a crawl)."""
+    writes = [f"write -P 0x5{n % 10} {n * 128 * 1024} 64K" for n in range(300)]
+    vm = create_vm(conn, [DiskSpec("vda", DISK_SIZE, writes=writes)], cdrom=False)
+    try:
+        out = vm.folder / "fragmented"
+        backup_ok(vm, out, "copy")
+        sock = socket_path("extents")
+        with mapped("-i", out, "--disk", "vda", "--listen", f"unix:{sock}", "-r") as m:
+            h = nbd.NBD()
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            h.connect_uri(m.value("export vda"))
+            replies: list[list[int]] = []
+
+            def collect(_context: str, _offset: int, entries: list[int], _err: object) -> int:
+                replies.append(list(entries))
+                return 0
+
+            position, data = 0, []
+            while position < DISK_SIZE:
+                replies.clear()
+                h.block_status(DISK_SIZE - position, position, collect)
+                entries = replies[0]
+                assert 0 < len(entries) // 2 <= 256
+                for length, flags in zip(entries[::2], entries[1::2], strict=True):
+                    if not flags & nbd.STATE_HOLE:
+                        data.append((position, length))
+                    position += length
+            h.shutdown()
+        assert data == [(n * 128 * 1024, 64 * 1024) for n in range(300)]
+    finally:
+        remove_vm(vm)
