@@ -139,20 +139,22 @@ def nbd_server(
     host: Host = LOCAL,
     tcp: NbdAddress | None = None,
     bind: str | None = None,
+    connections: int = 1,
 ) -> Iterator[NbdAddress]:
     """Serve ``image`` with qemu-nbd on ``host``; yield where to connect.
 
     Without ``tcp`` qemu-nbd listens on a private unix socket; with it on
     TCP port ``tcp.port`` of address ``bind``, and with TLS when
     ``tcp.tls_dir`` is set (the server's certificates are read from the
-    same folder on ``host``). qemu-nbd ends when its one client
-    disconnects, and is stopped in any case when the block is left, also
-    when this process dies: it lives only as long as our pipe to it.
+    same folder on ``host``). It takes up to ``connections`` clients at
+    once and ends when they have disconnected; it is stopped in any case
+    when the block is left, also when this process dies: it lives only as
+    long as our pipe to it.
     ``bitmap`` exposes that persistent dirty bitmap as
     ``qemu:dirty-bitmap:NAME``.
     """
     workdir = None
-    args = ["--format", fmt, "--export-name", export, "--shared", "1"]
+    args = ["--format", fmt, "--export-name", export, "--shared", str(connections)]
     if tcp is None:
         workdir = tempfile.mkdtemp(prefix="virtnbdbackup.", dir=socket_dir)
         address = NbdAddress(socket=os.path.join(workdir, "nbd.sock"))

@@ -1,18 +1,14 @@
 """Write one data file in the stream format.
 
-Frames are written strictly in order. With compression, each piece of a
-data extent is compressed on a thread pool (lz4 releases the GIL) while
-later pieces are read; the output order is kept by a queue of literal bytes
-and pending compressions that is drained from the front.
+Frames are written strictly in order. A compressed data frame is either
+compressed here as its bytes arrive (``data``), or arrives compressed
+(``packed``), from compressions run elsewhere in parallel.
 """
 
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Executor, Future
-from dataclasses import dataclass
 from typing import BinaryIO
 
 import lz4.frame
@@ -28,32 +24,70 @@ Buffer = bytes | bytearray | memoryview
 
 
 COMPRESS_SLICE = 1024 * 1024
+LZ4_BLOCK = 64 * 1024  # lz4.frame's default block size
+
+
+class PieceCompressor:
+    """One LZ4 frame of the format (content size, block and content
+    checksums), fed as the piece's bytes arrive.
+
+    The bytes are those of a one-shot ``lz4.frame.compress`` of the piece,
+    as the existing tool writes: fed in slices, lz4 never holds a second
+    copy of a 32 MiB piece. A piece that fits in one LZ4 block is
+    compressed in one shot, because that call flags such a frame's blocks
+    as independent and the streaming one does not.
+    """
+
+    def __init__(self, length: int, level: int) -> None:
+        self._level = level
+        self._small: bytearray | None = bytearray() if length <= LZ4_BLOCK else None
+        self._packer = lz4.frame.LZ4FrameCompressor(
+            compression_level=level, block_checksum=True, content_checksum=True
+        )
+        self._begun = False
+        self._length = length
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        """The frame's next bytes; the compressed parts they complete."""
+        if self._small is not None:
+            self._small += data
+            return []
+        parts = []
+        if not self._begun:
+            parts.append(self._packer.begin(source_size=self._length))
+            self._begun = True
+        view = memoryview(data)
+        for pos in range(0, len(view), COMPRESS_SLICE):
+            part = self._packer.compress(view[pos : pos + COMPRESS_SLICE])
+            if part:
+                parts.append(part)
+        return parts
+
+    def finish(self) -> list[bytes]:
+        """The frame's last compressed parts."""
+        if self._small is not None:
+            frame = lz4.frame.compress(
+                self._small,
+                compression_level=self._level,
+                block_checksum=True,
+                content_checksum=True,
+            )
+            return [frame]
+        parts = [] if self._begun else [self._packer.begin(source_size=self._length)]
+        return [*parts, self._packer.flush()]
 
 
 def compress_pieces(data: Buffer, level: int) -> list[bytes]:
-    """One standard LZ4 frame with content size and both checksums, in parts.
-
-    Fed in slices, lz4 never holds a second copy of a 32 MiB piece's output
-    (its one-shot call does, briefly); the bytes are the same.
-    """
-    packer = lz4.frame.LZ4FrameCompressor(
-        compression_level=level, block_checksum=True, content_checksum=True
-    )
-    view = memoryview(data)
-    parts = [packer.begin(source_size=len(view))]
-    for pos in range(0, len(view), COMPRESS_SLICE):
-        part = packer.compress(view[pos : pos + COMPRESS_SLICE])
-        if part:
-            parts.append(part)
-    parts.append(packer.flush())
-    return parts
+    """``data`` as one LZ4 frame of the format, in parts."""
+    packer = PieceCompressor(len(data), level)
+    return packer.feed(data) + packer.finish()
 
 
-@dataclass(frozen=True)
-class _PendingPiece:
-    future: Future[list[bytes]]
-    sizes: list[int]
-    index: int
+def piece_lengths(length: int, max_piece: int) -> list[int]:
+    """How a compressed data frame of ``length`` bytes is cut into LZ4 frames."""
+    if length < max_piece:
+        return [length]
+    return [min(max_piece, length - pos) for pos in range(0, length, max_piece)]
 
 
 class ChecksumWriter:
@@ -85,28 +119,13 @@ class StreamWriter:
 
     ``max_piece`` is the maximum NBD request size of the source: compressed
     extents of at least that size are cut into pieces of that size.
-    ``executor`` compresses pieces in parallel; ``window`` bounds how many
-    pieces may wait for compression (and so the memory in use).
     """
 
-    def __init__(
-        self,
-        out: BinaryIO,
-        meta: StreamMeta,
-        *,
-        max_piece: int = MAX_REQUEST_SIZE,
-        executor: Executor | None = None,
-        window: int = 4,
-    ) -> None:
+    def __init__(self, out: BinaryIO, meta: StreamMeta, *, max_piece: int = MAX_REQUEST_SIZE):
         self._out = ChecksumWriter(out)
         self._meta = meta
         self._level = None if meta.compressed is False else int(meta.compressed)
         self._max_piece = max_piece
-        self._executor = executor
-        self._window = max(1, window)
-        self._queue: deque[Buffer | _PendingPiece] = deque()
-        self._pending_pieces = 0
-        self._free_pieces: list[bytearray] = []  # appended to by compression threads
         # Per data frame: its length and its pieces' compressed sizes.
         self._pieces: list[tuple[int, list[int]]] = []
         self._next_offset = 0
@@ -115,7 +134,7 @@ class StreamWriter:
         self._frames: list[tuple[Kind, int, int]] = []
         doc = json.dumps(meta.to_json(), indent=4).encode()
         self._meta_bytes = HEADER_SIZE + len(doc) + len(TERMINATOR)
-        self._emit(frames.encode(Kind.META, 0, len(doc)) + doc + TERMINATOR)
+        self._out.write(frames.encode(Kind.META, 0, len(doc)) + doc + TERMINATOR)
 
     @property
     def compressed(self) -> bool:
@@ -124,31 +143,55 @@ class StreamWriter:
     def zero(self, offset: int, length: int) -> None:
         self._check_order(offset, length)
         self._frames.append((Kind.ZERO, offset, length))
-        self._emit(frames.encode(Kind.ZERO, offset, length))
+        self._out.write(frames.encode(Kind.ZERO, offset, length))
 
     def data(self, offset: int, length: int, chunks: Iterable[Buffer]) -> None:
         """One data frame of ``length`` bytes at ``offset``, from ``chunks``."""
-        self._check_order(offset, length)
-        self._frames.append((Kind.DATA, offset, length))
-        self._emit(frames.encode(Kind.DATA, offset, length))
+        self._start_data(offset, length)
         if self._level is None:
             got = 0
             for chunk in chunks:
                 got += len(chunk)
-                self._emit(chunk)
+                self._out.write(chunk)
         else:
-            got = self._compressed_payload(length, chunks)
+            got = self._compress(length, chunks)
+        self._end_data(offset, length, got)
+
+    def packed(self, offset: int, length: int, pieces: Iterable[Iterable[bytes]]) -> None:
+        """One compressed data frame whose pieces are compressed elsewhere
+        (``PieceCompressor``, cut as ``piece_lengths`` says); each piece's
+        parts are written as they come."""
+        if self._level is None:
+            raise ValueError("packed data frame in an uncompressed stream")
+        self._start_data(offset, length)
+        sizes = []
+        for parts in pieces:
+            size = 0
+            for part in parts:
+                self._out.write(part)
+                size += len(part)
+            sizes.append(size)
+        if len(sizes) != len(piece_lengths(length, self._max_piece)):
+            raise ValueError(f"extent at offset {offset}: wrong number of pieces")
+        self._pieces.append((length, sizes))
+        self._end_data(offset, length, length)
+
+    def _start_data(self, offset: int, length: int) -> None:
+        self._check_order(offset, length)
+        self._frames.append((Kind.DATA, offset, length))
+        self._out.write(frames.encode(Kind.DATA, offset, length))
+
+    def _end_data(self, offset: int, length: int, got: int) -> None:
         if got != length:
             raise StreamError(
                 f"extent at offset {offset}: got {got} bytes from the source, expected {length}"
             )
         self._data_size += length
-        self._emit(TERMINATOR)
+        self._out.write(TERMINATOR)
 
     def finish(self) -> int:
         """Write stop (and the trailer); return the file's Adler-32."""
-        self._emit(frames.encode(Kind.STOP, 0, 0))
-        self._drain(0)
+        self._out.write(frames.encode(Kind.STOP, 0, 0))
         if self._data_size != self._meta.data_size:
             raise StreamError(
                 f"disk {self._meta.disk_name}: wrote {self._data_size} data bytes "
@@ -156,7 +199,7 @@ class StreamWriter:
             )
         if self._level is not None:
             trailer = json.dumps(self._trailer()).encode()
-            self._out_bytes(trailer + TERMINATOR + frames.encode(Kind.COMP, 0, len(trailer)))
+            self._out.write(trailer + TERMINATOR + frames.encode(Kind.COMP, 0, len(trailer)))
         return self._out.adler32
 
     @property
@@ -178,8 +221,7 @@ class StreamWriter:
                 position += length
             else:
                 _length, sizes = next(frame_pieces)
-                piece = self._max_piece if length >= self._max_piece else length
-                unpacked = [min(piece, length - i * piece) for i in range(len(sizes))]
+                unpacked = piece_lengths(length, self._max_piece)
                 packed = tuple(zip(sizes, unpacked, strict=True))
                 extents.append(Extent(start, length, position, packed))
                 position += sum(sizes)
@@ -198,76 +240,33 @@ class StreamWriter:
             raise ValueError(f"extent {offset}+{length} out of order or empty")
         self._next_offset = offset + length
 
-    def _compressed_payload(self, length: int, chunks: Iterable[Buffer]) -> int:
+    def _compress(self, length: int, chunks: Iterable[Buffer]) -> int:
+        """Compress the frame's bytes piece by piece as they arrive; their count."""
+        assert self._level is not None
         sizes: list[int] = []
-        self._pieces.append((length, sizes))
-        piece_size = self._max_piece if length >= self._max_piece else length
-        piece = self._piece_buffer()
-        filled = got = 0
+        lengths = piece_lengths(length, self._max_piece)
+        packer = PieceCompressor(lengths[0], self._level)
+        index = filled = got = size = 0
         for chunk in chunks:
             view = memoryview(chunk)
             got += len(view)
-            while view:
-                n = min(len(view), piece_size - filled)
-                piece[filled : filled + n] = view[:n]
+            while view and index < len(lengths):
+                n = min(len(view), lengths[index] - filled)
+                size += self._write_parts(packer.feed(view[:n]))
                 filled += n
                 view = view[n:]
-                if filled == piece_size:
-                    self._add_piece(piece, filled, sizes)
-                    piece = self._piece_buffer()
-                    filled = 0
-        if filled:
-            self._add_piece(piece, filled, sizes)
-        else:
-            self._free_pieces.append(piece)
+                if filled == lengths[index]:
+                    sizes.append(size + self._write_parts(packer.finish()))
+                    index, filled, size = index + 1, 0, 0
+                    if index < len(lengths):
+                        packer = PieceCompressor(lengths[index], self._level)
+        self._pieces.append((length, sizes))
         return got
 
-    def _piece_buffer(self) -> bytearray:
-        """A buffer for one piece; freed ones are reused, so memory stays flat."""
-        return self._free_pieces.pop() if self._free_pieces else bytearray(self._max_piece)
-
-    def _compress(self, piece: bytearray, length: int) -> list[bytes]:
-        assert self._level is not None
-        packed = compress_pieces(memoryview(piece)[:length], self._level)
-        self._free_pieces.append(piece)
-        return packed
-
-    def _add_piece(self, piece: bytearray, length: int, sizes: list[int]) -> None:
-        if self._executor is None:
-            packed = self._compress(piece, length)
-            sizes.append(sum(len(p) for p in packed))
-            for part in packed:
-                self._emit(part)
-            return
-        self._drain(self._window - 1)
-        future = self._executor.submit(self._compress, piece, length)
-        sizes.append(-1)  # filled in when the piece is written
-        self._queue.append(_PendingPiece(future, sizes, len(sizes) - 1))
-        self._pending_pieces += 1
-
-    def _emit(self, data: Buffer) -> None:
-        if self._queue:
-            self._queue.append(data)
-        else:
-            self._out_bytes(data)
-
-    def _drain(self, keep_pieces: int) -> None:
-        """Write queued output until at most ``keep_pieces`` compressions wait."""
-        while self._queue and (
-            self._pending_pieces > keep_pieces or not isinstance(self._queue[0], _PendingPiece)
-        ):
-            item = self._queue.popleft()
-            if isinstance(item, _PendingPiece):
-                self._pending_pieces -= 1
-                packed = item.future.result()
-                item.sizes[item.index] = sum(len(p) for p in packed)
-                for part in packed:
-                    self._out_bytes(part)
-            else:
-                self._out_bytes(item)
-
-    def _out_bytes(self, data: Buffer) -> None:
-        self._out.write(data)
+    def _write_parts(self, parts: list[bytes]) -> int:
+        for part in parts:
+            self._out.write(part)
+        return sum(len(p) for p in parts)
 
     def _trailer(self) -> list[TrailerEntry]:
         entries: list[TrailerEntry] = []

@@ -40,19 +40,13 @@ log = logging.getLogger(__name__)
 
 # Files whose presence means the folder already holds a backup set.
 BACKUP_SET_PATTERNS = ("*.data", "*.data.partial", "*.cpt", "vmconfig.*.xml")
-# lz4 runs at several hundred MiB/s per thread: a few threads outrun the
-# reads, and each one holds up to two 32 MiB pieces.
-MAX_COMPRESS_THREADS = 4
+# lz4 runs at several hundred MiB/s per thread: a few lanes (threads that
+# read and compress, each over its own NBD connection) outrun the source.
+MAX_COMPRESS_LANES = 4
 
 
-def compress_window() -> int:
-    """Pieces compressed at once, besides the one being read.
-
-    Each holds up to 32 MiB twice (raw and compressed), so memory, not
-    speed, sets the bound: one on two cores (reading takes the other),
-    half the cores on larger hosts, at most four.
-    """
-    return max(1, min(MAX_COMPRESS_THREADS, (os.cpu_count() or 2) // 2))
+def compress_lanes() -> int:
+    return max(1, min(MAX_COMPRESS_LANES, os.cpu_count() or 2))
 
 
 @dataclass
@@ -461,6 +455,7 @@ class BackupJob:
             host=self.host,
             tcp=self.remote.nbd_address(ports[disk.target]) if remote else None,
             bind=self.remote.bind_address() if remote else None,
+            connections=1 + (compress_lanes() if self.opts.compress is not None else 0),
         ) as address:
             log.info("disk %s: served by qemu-nbd at %s", disk.target, address)
             yield Export(address, step.since)
@@ -470,22 +465,13 @@ class BackupJob:
     ) -> list[DiskResult]:
         workers = 1 if self.opts.to_stdout else max(1, self.opts.workers or len(disks))
         log.info("concurrent disk workers: %d", workers)
-        compressor = None
-        threads = min(os.cpu_count() or 2, MAX_COMPRESS_THREADS)
-        if self.opts.compress is not None:
-            compressor = ThreadPoolExecutor(threads, thread_name_prefix="lz4")
-        window = compress_window()
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="disk") as pool:
-                futures: list[Future[DiskResult]] = [
-                    pool.submit(self._backup_disk, disk, index, step, export, compressor, window)
-                    for index, disk in enumerate(disks)
-                ]
-                self._wait(futures)
-                return [f.result() for f in futures]
-        finally:
-            if compressor:
-                compressor.shutdown(wait=True, cancel_futures=True)
+        with ThreadPoolExecutor(workers, thread_name_prefix="disk") as pool:
+            futures: list[Future[DiskResult]] = [
+                pool.submit(self._backup_disk, disk, index, step, export)
+                for index, disk in enumerate(disks)
+            ]
+            self._wait(futures)
+            return [f.result() for f in futures]
 
     def _wait(self, futures: list[Future[DiskResult]]) -> None:
         """Wait for the disk workers; on the first failure or Ctrl-C, stop the others."""
@@ -506,12 +492,10 @@ class BackupJob:
         index: int,
         step: BackupStep,
         export: ExportOpener,
-        compressor: ThreadPoolExecutor | None,
-        window: int,
     ) -> DiskResult:
         threading.current_thread().name = disk.target
         with export(disk) as source:
-            return self._backup_export(disk, index, step, source, compressor, window)
+            return self._backup_export(disk, index, step, source)
 
     def _backup_export(
         self,
@@ -519,8 +503,6 @@ class BackupJob:
         index: int,
         step: BackupStep,
         source: Export,
-        compressor: ThreadPoolExecutor | None,
-        window: int,
     ) -> DiskResult:
         raw_image = disk.format == "raw"
         plan = DiskPlan(
@@ -545,10 +527,10 @@ class BackupJob:
                 plan,
                 self.target,
                 cancel=self.cancel,
-                compressor=compressor,
-                compress_window=window,
                 progress=self.opts.progress,
                 position=index,
+                connect=lambda: NbdClient.connect(source.address, disk.target, wait=10),
+                lanes=compress_lanes(),
             ).run()
         finally:
             client.close()

@@ -105,9 +105,7 @@ class MapJob:
             record["exports"] = {m.server.export: m.server.uri for m in disks if m.server}
             _register(record)
             stack.callback(_unregister)
-            print(
-                "ready: press Ctrl-C or run 'virtnbdmap --stop' to unmap", flush=True
-            )
+            print("ready: press Ctrl-C or run 'virtnbdmap --stop' to unmap", flush=True)
             self._wait()
             log.info("unmapping")
 

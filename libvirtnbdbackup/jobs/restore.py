@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from ..format.chainimage import merge_layers
 from ..format.index import Extent, FileIndex, build_index, load_index
 from ..format.reader import file_adler32, lz4_content_size
 from ..targets.directory import PARTIAL_SUFFIX
+from ..targets.writeback import WriteBehind
 from .backupset import (
     DataFile,
     chains,
@@ -42,10 +43,11 @@ from .remote import Remote, RemoteOptions
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024  # bytes read from an uncompressed data file at once
-# Compressed pieces hold up to 32 MiB each once decompressed: this many are
-# decompressed ahead of the one being written (see compress_window).
-DECOMPRESS_AHEAD = max(1, min(4, (os.cpu_count() or 2) // 2))
+CHUNK = 1024 * 1024  # bytes read from a data file, or decompressed, at once
+# Compressed files are written by this many threads, each with its own
+# connection and pieces: lz4 releases the GIL, and the writes of a plan
+# never overlap, so their order does not matter.
+DECOMPRESS_WORKERS = max(1, min(4, os.cpu_count() or 2))
 
 
 @dataclass
@@ -210,13 +212,16 @@ class RestoreJob:
             raise
         log.info("disk %s: copied raw image to %s", source.disk, image)
 
-    def _serve(self, image: str, fmt: str) -> AbstractContextManager[NbdAddress]:
+    def _serve(
+        self, image: str, fmt: str, connections: int = 1
+    ) -> AbstractContextManager[NbdAddress]:
         """qemu-nbd for an image being restored: a unix socket here, TCP on a
         remote host."""
         remote = self.remote.is_remote
         return qemu.nbd_server(
             image,
             fmt,
+            connections=connections,
             host=self.host,
             tcp=self.remote.nbd_address() if remote else None,
             bind=self.remote.bind_address() if remote else None,
@@ -255,11 +260,13 @@ class RestoreJob:
         replay_into = work if self.opts.compress else partial
         started = time.monotonic()
         total = sum(end - start for writes in plan for _extent, start, end in writes)
+        workers = DECOMPRESS_WORKERS if any(f.meta and f.meta.is_compressed for f in chain) else 1
         log.info("disk %s: writing %d bytes of data", disk, total)
         try:
             qemu.create_image(replay_into, base.meta.virtual_size, "qcow2", options, self.host)
             with (
-                self._serve(replay_into, "qcow2") as address,
+                self._serve(replay_into, "qcow2", workers) as address,
+                self._write_behind(replay_into) as behind,
                 tqdm(
                     total=total,
                     unit="B",
@@ -269,19 +276,20 @@ class RestoreJob:
                     position=position,
                     disable=not self.opts.progress,
                 ) as bar,
-                ThreadPoolExecutor(DECOMPRESS_AHEAD, thread_name_prefix="lz4") as pool,
+                contextlib.ExitStack() as connections,
             ):
-                client = NbdClient.connect(address, wait=10)
-                try:
-                    for data_file, writes in zip(chain, plan, strict=True):
-                        log.info("disk %s: applying %s", disk, data_file.name)
-                        assert data_file.meta is not None
-                        source = FileSource(data_file.path, data_file.meta.is_compressed, pool)
-                        with source:
-                            client.write(self._tracked(source.chunks(writes), bar))
+                clients = []
+                for _ in range(workers):
+                    client = NbdClient.connect(address, wait=10)
+                    connections.callback(client.close)
+                    clients.append(client)
+                for data_file, writes in zip(chain, plan, strict=True):
+                    log.info("disk %s: applying %s", disk, data_file.name)
+                    assert data_file.meta is not None
+                    with FileSource(data_file.path, data_file.meta.is_compressed) as source:
+                        self._replay(source, writes, clients, bar, behind)
+                for client in clients:
                     client.flush()
-                finally:
-                    client.close()
             if self.opts.compress:
                 log.info("disk %s: compressing the restored image", disk)
                 qemu.convert_compressed(work, partial, options, self.host)
@@ -302,6 +310,57 @@ class RestoreJob:
             total / 2**20 / max(seconds, 1e-6),
         )
 
+    def _write_behind(self, image: str) -> AbstractContextManager[WriteBehind | None]:
+        """Start the writeback of a local image while qemu-nbd fills it: qcow2
+        flushes between metadata updates, and each flush would otherwise wait
+        for all the data written so far (restores 30% faster, measured)."""
+        if self.host.is_remote:
+            return contextlib.nullcontext()
+        return WriteBehind.watch(image)
+
+    def _replay(
+        self,
+        source: FileSource,
+        writes: list[Write],
+        clients: list[NbdClient],
+        bar: tqdm,
+        behind: WriteBehind | None,
+    ) -> None:
+        """Write the planned parts of one file, over all ``clients`` at once."""
+        units = source.units(writes)
+        lock = threading.Lock()
+        failed = threading.Event()
+
+        def stream() -> Iterator[tuple[int, memoryview]]:
+            while not failed.is_set():
+                with lock:
+                    unit = next(units, None)
+                if unit is None:
+                    return
+                for offset, chunk in source.unit_chunks(unit):
+                    if self.cancel.is_set():
+                        raise Interrupted("restore interrupted")
+                    yield offset, chunk
+                    bar.update(len(chunk))
+                    if behind is not None:
+                        behind.wrote(len(chunk))
+
+        def write(client: NbdClient) -> None:
+            try:
+                client.write(stream())
+            except BaseException:
+                failed.set()
+                raise
+
+        if len(clients) == 1:
+            write(clients[0])
+            return
+        with ThreadPoolExecutor(len(clients), thread_name_prefix="restore") as pool:
+            futures = [pool.submit(write, client) for client in clients]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                future.result()
+
     @staticmethod
     def _plan(chain: list[DataFile], size: int) -> list[list[Write]]:
         """Index each file of the chain (side file, or its frame headers) and plan the writes."""
@@ -316,15 +375,6 @@ class RestoreJob:
                 )
             indexes.append(index)
         return plan_writes(indexes, size)
-
-    def _tracked(
-        self, chunks: Iterator[tuple[int, memoryview]], bar: tqdm
-    ) -> Iterator[tuple[int, memoryview]]:
-        for offset, chunk in chunks:
-            if self.cancel.is_set():
-                raise Interrupted("restore interrupted")
-            yield offset, chunk
-            bar.update(len(chunk))
 
 
 Write = tuple[Extent, int, int]  # a data extent and the part [start, end) of it to write
@@ -356,20 +406,22 @@ class Piece:
     stored: int  # stored byte count
 
 
+Unit = Write | tuple[Piece, list[tuple[int, int]]]
+
+
 class FileSource:
     """The bytes a restore plan takes from one data file.
 
-    Uncompressed payloads are read where they lie; compressed pieces are
-    read and decompressed on a thread pool (lz4 releases the GIL), ahead of
-    the one being written, in order.
+    The plan is cut into units that can be written in any order, by any
+    thread: the parts of one extent (uncompressed), or of one LZ4 frame
+    (compressed), which is decompressed a slice at a time as it is written.
     """
 
-    def __init__(self, path: Path, compressed: bool, pool: Executor) -> None:
+    def __init__(self, path: Path, compressed: bool) -> None:
         self.path = path
         self.compressed = compressed
-        self.pool = pool
         self._fd = os.open(path, os.O_RDONLY)
-        self._buffer = bytearray(CHUNK)
+        self._buffers = threading.local()
 
     def __enter__(self) -> FileSource:
         return self
@@ -378,22 +430,40 @@ class FileSource:
         os.close(self._fd)
 
     def chunks(self, writes: list[Write]) -> Iterator[tuple[int, memoryview]]:
-        """``(disk offset, data)``; each view is valid until the next is asked for."""
+        """``(disk offset, data)`` of all ``writes``, in order; each view is
+        valid until the next is asked for."""
+        for unit in self.units(writes):
+            yield from self.unit_chunks(unit)
+
+    def units(self, writes: list[Write]) -> Iterator[Unit]:
         if self.compressed:
-            yield from self._decompressed(writes)
+            return self._pieces(writes)
+        return iter(writes)
+
+    def unit_chunks(self, unit: Unit) -> Iterator[tuple[int, memoryview]]:
+        if isinstance(unit[0], Piece):
+            piece, parts = unit
+            yield from self._decompressed(piece, parts)
             return
-        view = memoryview(self._buffer)
-        for extent, start, end in writes:
-            for offset in range(start, end, CHUNK):
-                n = min(CHUNK, end - offset)
-                position = extent.offset + offset - extent.start
-                got = os.preadv(self._fd, [view[:n]], position)
-                if got != n:
-                    raise StreamError(
-                        f"{self.path} at offset {position + got}: file ends inside the "
-                        f"extent at {extent.start} (the file is truncated)"
-                    )
-                yield offset, view[:n]
+        extent, start, end = unit
+        view = self._buffer()
+        for offset in range(start, end, CHUNK):
+            n = min(CHUNK, end - offset)
+            position = extent.offset + offset - extent.start
+            got = os.preadv(self._fd, [view[:n]], position)
+            if got != n:
+                raise StreamError(
+                    f"{self.path} at offset {position + got}: file ends inside the "
+                    f"extent at {extent.start} (the file is truncated)"
+                )
+            yield offset, view[:n]
+
+    def _buffer(self) -> memoryview:
+        """This thread's read buffer."""
+        buffer = getattr(self._buffers, "view", None)
+        if buffer is None:
+            buffer = self._buffers.view = memoryview(bytearray(CHUNK))
+        return buffer
 
     @staticmethod
     def _pieces(writes: list[Write]) -> Iterator[tuple[Piece, list[tuple[int, int]]]]:
@@ -415,65 +485,48 @@ class FileSource:
         if current is not None:
             yield current, parts
 
-    def _decompressed(self, writes: list[Write]) -> Iterator[tuple[int, memoryview]]:
-        pending: deque[tuple[Future[list[bytes]], Piece, list[tuple[int, int]]]] = deque()
-        try:
-            for piece, parts in self._pieces(writes):
-                pending.append((self.pool.submit(self._decompress, piece), piece, parts))
-                if len(pending) > DECOMPRESS_AHEAD:
-                    yield from self._slices(*pending.popleft())
-            while pending:
-                yield from self._slices(*pending.popleft())
-        finally:
-            for future, _piece, _parts in pending:
-                future.cancel()
-            wait([f for f, _p, _q in pending])
-
-    @staticmethod
-    def _slices(
-        future: Future[list[bytes]], piece: Piece, parts: list[tuple[int, int]]
+    def _decompressed(
+        self, piece: Piece, parts: list[tuple[int, int]]
     ) -> Iterator[tuple[int, memoryview]]:
-        """The planned parts of a decompressed piece, from its output chunks."""
-        pos = piece.start
-        for chunk in future.result():
-            end = pos + len(chunk)
-            view = memoryview(chunk)
-            for a, b in parts:
-                if a < end and b > pos:
-                    yield max(a, pos), view[max(a, pos) - pos : min(b, end) - pos]
-            pos = end
-
-    def _decompress(self, piece: Piece) -> list[bytes]:
-        """One LZ4 frame, read and decompressed in slices (never two copies of it)."""
+        """The planned parts of one LZ4 frame, decompressed ``CHUNK`` bytes at a time."""
         where = f"{self.path} at offset {piece.position}"
+        damaged = StreamError(
+            f"{where}: compressed piece does not hold the {piece.length} bytes of its "
+            "extent (the data is damaged)"
+        )
         unpacker = lz4.frame.LZ4FrameDecompressor()
-        out: list[bytes] = []
-        got = 0
+        disk = piece.start
+        end = piece.position + piece.stored
         try:
-            for pos in range(piece.position, piece.position + piece.stored, CHUNK):
-                packed = os.pread(self._fd, min(CHUNK, piece.position + piece.stored - pos), pos)
+            for pos in range(piece.position, end, CHUNK):
+                packed = os.pread(self._fd, min(CHUNK, end - pos), pos)
                 if not packed:
                     raise StreamError(
                         f"{where}: file ends inside compressed data (the file is truncated)"
                     )
                 if pos == piece.position and lz4_content_size(packed, where) != piece.length:
-                    raise StreamError(
-                        f"{where}: compressed piece does not hold the {piece.length} bytes "
-                        "of its extent (the data is damaged)"
-                    )
-                raw = unpacker.decompress(packed)
-                got += len(raw)
-                if got > piece.length:
-                    break
-                out.append(raw)
+                    raise damaged
+                raw = unpacker.decompress(packed, max_length=CHUNK)
+                while raw:
+                    if disk + len(raw) > piece.start + piece.length:
+                        raise damaged
+                    yield from _clip(disk, memoryview(raw), parts)
+                    disk += len(raw)
+                    raw = b"" if unpacker.needs_input else unpacker.decompress(b"", CHUNK)
         except RuntimeError as err:
             raise StreamError(f"{where}: compressed data is damaged: {err}") from None
-        if got != piece.length or not unpacker.eof or unpacker.unused_data:
-            raise StreamError(
-                f"{where}: compressed piece does not hold the {piece.length} bytes of its "
-                "extent (the data is damaged)"
-            )
-        return out
+        if disk != piece.start + piece.length or not unpacker.eof or unpacker.unused_data:
+            raise damaged
+
+
+def _clip(
+    start: int, data: memoryview, parts: list[tuple[int, int]]
+) -> Iterator[tuple[int, memoryview]]:
+    """The bytes of ``data`` (at disk offset ``start``) that fall into ``parts``."""
+    end = start + len(data)
+    for a, b in parts:
+        if a < end and b > start:
+            yield max(a, start), data[max(a, start) - start : min(b, end) - start]
 
 
 def dump(folder: str) -> list[dict[str, object]]:

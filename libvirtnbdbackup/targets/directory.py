@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import TargetError
+from .writeback import open_write_behind
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -32,7 +33,7 @@ class PartialFile:
         if path.exists() and not overwrite:
             raise TargetError(f"{path} exists already; refusing to overwrite it")
         try:
-            self._fh: BinaryIO = open(self.partial, "wb")  # noqa: SIM115 (closed by commit/abort)
+            self._fh: BinaryIO = open_write_behind(self.partial)
         except OSError as err:
             raise TargetError(f"cannot create {self.partial}: {err.strerror}") from None
 

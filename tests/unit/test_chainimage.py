@@ -44,7 +44,6 @@ def write_file(
     incremental: bool,
     compressed: bool | int = False,
     max_piece: int = 3 * BLOCK,
-    executor: ThreadPoolExecutor | None = None,
 ) -> StreamWriter:
     data_size = sum(n * BLOCK for _s, n, fill in frames if fill is not None)
     meta = sample_meta(
@@ -56,7 +55,7 @@ def write_file(
         compressed=compressed,
     )
     with open(path, "wb") as fh:
-        writer = StreamWriter(fh, meta, max_piece=max_piece, executor=executor, window=2)
+        writer = StreamWriter(fh, meta, max_piece=max_piece)
         for start, count, fill in frames:
             if fill is None:
                 writer.zero(start * BLOCK, count * BLOCK)
@@ -141,8 +140,7 @@ def test_chain_reads_equal_a_restore(
 def test_writer_index_equals_the_index_built_from_headers(tmp_path: Path, compressed: int) -> None:
     frames: list[Frame] = [(0, 2, 7), (2, 5, None), (7, 10, 9), (17, 47, 3)]
     path = tmp_path / "vda.full.data"
-    with ThreadPoolExecutor(2) as pool:
-        writer = write_file(path, frames, incremental=False, compressed=compressed, executor=pool)
+    writer = write_file(path, frames, incremental=False, compressed=compressed)
     written = writer.index(path.name)
     with open(path, "rb") as fh:
         built = build_index(fh, str(path))

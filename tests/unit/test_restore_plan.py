@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from libvirtnbdbackup.errors import StreamError
 from libvirtnbdbackup.format.frames import Kind
 from libvirtnbdbackup.format.index import Extent as IndexExtent
 from libvirtnbdbackup.format.index import FileIndex, build_index
+from libvirtnbdbackup.jobs import restore
 from libvirtnbdbackup.jobs.restore import FileSource, plan_writes
 from tests.unit.test_stream_roundtrip import Compression, Extent, write_stream
 
@@ -91,7 +94,7 @@ def test_file_source_returns_the_planned_bytes(tmp_path: Path, compressed: Compr
     later = FileIndex("inc", 0, "", 40000, False, [IndexExtent(3000, 10000, 0)])
     plan = plan_writes([index, later], 40000)
     got = bytearray(40000)
-    with ThreadPoolExecutor(2) as pool, FileSource(path, compressed is not False, pool) as src:
+    with FileSource(path, compressed is not False) as src:
         for offset, chunk in src.chunks(plan[0]):
             got[offset : offset + len(chunk)] = chunk
     expected = bytearray(40000)
@@ -113,7 +116,47 @@ def test_file_source_names_damaged_compressed_data(tmp_path: Path) -> None:
     damaged[second + extent.pieces[1][0] // 2] ^= 0xFF
     path.write_bytes(damaged)
     plan = plan_writes([index], 9000)
-    with ThreadPoolExecutor(2) as pool, FileSource(path, True, pool) as src:  # noqa: SIM117
+    with FileSource(path, True) as src:  # noqa: SIM117
         with pytest.raises(StreamError, match=f"vda.full.data at offset {second}"):
             for _ in src.chunks(plan[0]):
                 pass
+
+
+@pytest.mark.parametrize("compressed", [False, 2])
+def test_units_written_in_any_order_by_many_threads_give_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compressed: Compression
+) -> None:
+    # Small slices: a piece is decompressed over many calls, as a 32 MiB one is.
+    monkeypatch.setattr(restore, "CHUNK", 1000)
+    data = bytes(range(256)) * 40 + b"text " * 3000
+    extents = [Extent(Kind.DATA, 0, len(data), data), Extent(Kind.DATA, 30000, 5000, data[:5000])]
+    raw, _, _ = write_stream(extents, 40000, compressed, max_piece=4096)
+    path = tmp_path / "vda.full.data"
+    path.write_bytes(raw)
+    with path.open("rb") as fh:
+        index = build_index(fh, str(path))
+    later = FileIndex("inc", 0, "", 40000, False, [IndexExtent(3000, 10000, 0)])
+    writes = plan_writes([index, later], 40000)[0]
+    with FileSource(path, compressed is not False) as src:
+        in_order = bytearray(40000)
+        for offset, chunk in src.chunks(writes):
+            in_order[offset : offset + len(chunk)] = chunk
+        units = list(src.units(writes))
+        assert len(units) >= 3
+        random.Random(7).shuffle(units)
+        shuffled = bytearray(40000)
+        lock = threading.Lock()
+
+        def apply(unit: object) -> None:
+            for offset, chunk in src.unit_chunks(unit):  # type: ignore[arg-type]
+                with lock:
+                    shuffled[offset : offset + len(chunk)] = chunk
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(apply, units))
+    expected = bytearray(40000)
+    expected[: len(data)] = data
+    expected[30000:35000] = data[:5000]
+    expected[3000:13000] = bytes(10000)  # the later file writes these
+    assert in_order == expected
+    assert shuffled == expected

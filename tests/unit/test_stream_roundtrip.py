@@ -6,12 +6,10 @@ import io
 import itertools
 import json
 import zlib
-from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import lz4.frame
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +19,12 @@ from libvirtnbdbackup.format import checksum, frames
 from libvirtnbdbackup.format.frames import HEADER_SIZE, Kind
 from libvirtnbdbackup.format.meta import StreamMeta
 from libvirtnbdbackup.format.reader import StreamReader, adler32_concat, file_adler32
-from libvirtnbdbackup.format.writer import StreamWriter
+from libvirtnbdbackup.format.writer import (
+    PieceCompressor,
+    StreamWriter,
+    compress_pieces,
+    piece_lengths,
+)
 
 from .samples import sample_meta
 
@@ -60,21 +63,24 @@ def write_stream(
     compressed: Compression,
     *,
     max_piece: int,
-    executor: Executor | None = None,
-    window: int = 4,
+    packed: bool = False,
 ) -> tuple[bytes, int, int]:
-    """The bytes written, the checksum finish() returned, and bytes_written."""
+    """The bytes written, the checksum finish() returned, and bytes_written.
+
+    ``packed``: compressed data frames arrive compressed, piece by piece, as
+    the backup's compression lanes hand them over.
+    """
     data_size = sum(e.length for e in extents if e.kind is Kind.DATA)
     out = io.BytesIO()
-    writer = StreamWriter(
-        out,
-        make_meta(virtual_size, data_size, compressed),
-        max_piece=max_piece,
-        executor=executor,
-        window=window,
-    )
+    writer = StreamWriter(out, make_meta(virtual_size, data_size, compressed), max_piece=max_piece)
     for e in extents:
-        if e.kind is Kind.DATA:
+        if e.kind is Kind.DATA and packed and compressed is not False:
+            payload, pieces, pos = b"".join(e.chunks()), [], 0
+            for length in piece_lengths(e.length, max_piece):
+                pieces.append(compress_pieces(payload[pos : pos + length], int(compressed)))
+                pos += length
+            writer.packed(e.start, e.length, pieces)
+        elif e.kind is Kind.DATA:
             writer.data(e.start, e.length, e.chunks())
         else:
             writer.zero(e.start, e.length)
@@ -152,14 +158,12 @@ def uncompressed_body(extents: list[Extent]) -> bytes:
     layout=layouts(),
     compressed=st.one_of(st.just(False), st.integers(0, 4)),
     max_piece=st.one_of(st.integers(64, 512), st.integers(64, 4096)),
-    window=st.integers(1, 4),
     chunk_size=st.integers(1, 5000),
 )
 def test_round_trip(
     layout: tuple[int, list[Extent]],
     compressed: Compression,
     max_piece: int,
-    window: int,
     chunk_size: int,
 ) -> None:
     virtual_size, extents = layout
@@ -185,13 +189,12 @@ def test_round_trip(
     else:
         assert raw[-HEADER_SIZE:].startswith(b"comp ")
 
-    # A thread pool must not change a single byte of the output.
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        raw_pool, checksum_pool, _ = write_stream(
-            extents, virtual_size, compressed, max_piece=max_piece, executor=pool, window=window
-        )
-    assert raw_pool == raw
-    assert checksum_pool == checksum
+    # Pieces compressed elsewhere (the backup's lanes) give the same bytes.
+    raw_packed, checksum_packed, _ = write_stream(
+        extents, virtual_size, compressed, max_piece=max_piece, packed=True
+    )
+    assert raw_packed == raw
+    assert checksum_packed == checksum
 
 
 @settings(max_examples=30, deadline=None)
@@ -307,50 +310,28 @@ def test_reader_does_not_care_about_meta_indentation() -> None:
     assert got == [(Kind.DATA, 8, 4, b"abcd")]
 
 
-class _TrackedFuture(Future[Any]):
-    def __init__(self, owner: CountingExecutor) -> None:
-        super().__init__()
-        self._owner = owner
-        self._collected = False
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self._collected:
-            self._collected = True
-            self._owner.outstanding -= 1
-        return super().result(timeout)
-
-
-class CountingExecutor(Executor):
-    """Runs work at once, but counts pieces submitted and not yet collected by the writer."""
-
-    def __init__(self) -> None:
-        self.submitted = 0
-        self.outstanding = 0
-        self.most_outstanding = 0
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future = _TrackedFuture(self)
-        future.set_result(fn(*args, **kwargs))
-        self.submitted += 1
-        self.outstanding += 1
-        self.most_outstanding = max(self.most_outstanding, self.outstanding)
-        return future
+@given(data=st.binary(max_size=200_000), cuts=st.lists(st.integers(1, 70_000), max_size=8))
+@settings(max_examples=50, deadline=None)
+def test_a_piece_fed_in_parts_is_the_one_shot_lz4_frame(data: bytes, cuts: list[int]) -> None:
+    packer = PieceCompressor(len(data), 2)
+    pos = 0
+    for cut in cuts:
+        packer.feed(data[pos : pos + cut])
+        pos += cut
+    packer.feed(data[pos:])
+    one_shot = lz4.frame.compress(
+        data, compression_level=2, block_checksum=True, content_checksum=True
+    )
+    assert b"".join(packer.finish()) == one_shot
 
 
-@pytest.mark.parametrize("window", [1, 2, 4])
-def test_window_bounds_the_pieces_waiting_for_compression(window: int) -> None:
-    extents = [
-        Extent(Kind.DATA, 0, 2000, bytes(range(250)) * 8),
-        Extent(Kind.ZERO, 2000, 100),
-        Extent(Kind.DATA, 2100, 700, b"z" * 700),
-    ]
-    executor = CountingExecutor()
-    raw, _, _ = write_stream(extents, 4096, 2, max_piece=100, executor=executor, window=window)
-    assert executor.submitted == 20 + 7  # every piece went through the executor
-    assert executor.outstanding == 0  # and was collected by finish()
-    assert executor.most_outstanding == window
-    plain, _, _ = write_stream(extents, 4096, 2, max_piece=100)
-    assert raw == plain
+def test_packed_frames_need_the_pieces_the_format_cuts() -> None:
+    writer = StreamWriter(io.BytesIO(), make_meta(4096, 2000, 2), max_piece=1000)
+    with pytest.raises(ValueError, match="wrong number of pieces"):
+        writer.packed(0, 2000, [compress_pieces(bytes(2000), 2)])
+    plain = StreamWriter(io.BytesIO(), make_meta(4096, 2000, False), max_piece=1000)
+    with pytest.raises(ValueError, match="uncompressed stream"):
+        plain.packed(0, 2000, [[b""], [b""]])
 
 
 @settings(max_examples=200, deadline=None)

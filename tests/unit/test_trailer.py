@@ -7,11 +7,11 @@ that the writer's bytes are checked independently of our own reader.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import re
 import struct
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from libvirtnbdbackup.format.frames import MAX_REQUEST_SIZE
 from libvirtnbdbackup.format.meta import StreamMeta
-from libvirtnbdbackup.format.writer import StreamWriter
+from libvirtnbdbackup.format.writer import StreamWriter, compress_pieces, piece_lengths
 
 Compression = bool | int
 MAX_PIECE = 256
@@ -53,7 +53,7 @@ def write(
     level: Compression = 2,
     *,
     max_piece: int = MAX_PIECE,
-    executor: Executor | None = None,
+    packed: bool = False,
     date: str = "2024-05-06T07:08:09.123456",
 ) -> tuple[bytes, dict[int, bytes]]:
     """Write ``extents`` ((kind, start, length)); return the file and each data extent's bytes."""
@@ -70,9 +70,17 @@ def write(
         date=date,
     )
     out = io.BytesIO()
-    writer = StreamWriter(out, meta, max_piece=max_piece, executor=executor)
+    writer = StreamWriter(out, meta, max_piece=max_piece)
     for kind, start, length in extents:
-        if kind == "data":
+        if kind == "data" and packed:
+            cuts = itertools.accumulate(piece_lengths(length, max_piece), initial=0)
+            bounds = list(cuts)
+            pieces = [
+                compress_pieces(payloads[start][a:b], int(level))
+                for a, b in itertools.pairwise(bounds)
+            ]
+            writer.packed(start, length, pieces)
+        elif kind == "data":
             writer.data(start, length, [payloads[start]])
         else:
             writer.zero(start, length)
@@ -327,10 +335,10 @@ def test_pieces_do_not_depend_on_how_the_source_is_chunked() -> None:
     zero_between=st.lists(st.booleans(), min_size=6, max_size=6),
     max_piece=st.integers(64, 1024),
     level=st.integers(0, 4),
-    use_pool=st.booleans(),
+    packed=st.booleans(),
 )
 def test_trailer_layout_property(
-    lengths: list[int], zero_between: list[bool], max_piece: int, level: int, use_pool: bool
+    lengths: list[int], zero_between: list[bool], max_piece: int, level: int, packed: bool
 ) -> None:
     extents: list[tuple[str, int, int]] = []
     pos = 0
@@ -340,11 +348,7 @@ def test_trailer_layout_property(
         if zero:
             extents.append(("zero", pos, 777))
             pos += 777
-    if use_pool:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            raw, payloads = write(extents, level, max_piece=max_piece, executor=pool)
-    else:
-        raw, payloads = write(extents, level, max_piece=max_piece)
+    raw, payloads = write(extents, level, max_piece=max_piece, packed=packed)
     walked = walk(raw)
     data_frames = [f for f in walked.frames if f[0] == b"data"]
     assert len(walked.trailer) == len(data_frames) == len(lengths)
