@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -220,7 +220,7 @@ class NbdClient:
         ranges: Iterable[tuple[int, int]],
         chunk: int = DEFAULT_CHUNK,
         depth: int = DEFAULT_DEPTH,
-    ) -> Iterator[tuple[int, memoryview]]:
+    ) -> Generator[tuple[int, memoryview], None, None]:
         """Read ``(offset, length)`` ranges, yielding ``(offset, data)`` in order.
 
         ``depth`` reads stay in flight, into reused buffers: a yielded view
@@ -318,6 +318,10 @@ class NbdClient:
     def _wait(self, cookie: int, what: str) -> None:
         try:
             while not self._h.aio_command_completed(cookie):
+                if self._h.aio_is_closed() or self._h.aio_is_dead():
+                    # Disconnected (by close(), or the server went away):
+                    # no reply can come any more.
+                    raise NbdError(f"{self.where}: {what} failed: the connection is closed")
                 self._h.poll(-1)
         except nbd.Error as err:
             raise _error(f"{self.where}: {what} failed", err) from None

@@ -10,6 +10,7 @@ compressed bytes, whatever the size of the disk.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections import deque
@@ -135,8 +136,17 @@ class CompressionLanes:
             raise
 
     def _compress(self, task: list[Piece], parts: queue.SimpleQueue[Part]) -> None:
-        client = self._client()
-        reads = client.read(task, READ_CHUNK, READ_DEPTH)
+        # Closed here, on every way out: its reads in flight end while the
+        # connection is still open.
+        with contextlib.closing(self._client().read(task, READ_CHUNK, READ_DEPTH)) as reads:
+            self._compress_reads(task, reads, parts)
+
+    def _compress_reads(
+        self,
+        task: list[Piece],
+        reads: Iterator[tuple[int, memoryview]],
+        parts: queue.SimpleQueue[Part],
+    ) -> None:
         for offset, length in task:
             packer = PieceCompressor(length, self._level)
             pos = offset
