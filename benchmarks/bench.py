@@ -145,6 +145,13 @@ def timed(cmd: list[str], **kw: object) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
+def convert(raw: Path, folder: Path, cache: str) -> tuple[float, float]:
+    """``qemu-img convert`` of ``raw`` into ``folder/conv.qcow2``; ``unsafe``
+    is its default cache mode (nothing flushed), ``writeback`` flushes."""
+    out = str(folder / "conv.qcow2")
+    return timed(["qemu-img", "convert", "-t", cache, "-f", "raw", "-O", "qcow2", str(raw), out])
+
+
 def tool(name: str, *args: str | Path) -> list[str]:
     return [str(BIN / name), *[str(a) for a in args]]
 
@@ -227,41 +234,11 @@ class Bench:
             for scratch in ("conv.qcow2", "copy.qcow2", "restored", "restored-lz4"):
                 shutil.rmtree(w / scratch, ignore_errors=True)
                 (w / scratch).unlink(missing_ok=True)
-            self.record(
-                "qemu-img convert file -> qcow2",
-                data,
-                timed(
-                    [
-                        "qemu-img",
-                        "convert",
-                        "-f",
-                        "raw",
-                        "-O",
-                        "qcow2",
-                        str(export),
-                        str(w / "conv.qcow2"),
-                    ]
-                ),
-            )
+            self.record("qemu-img convert file -> qcow2", data, convert(export, w, "unsafe"))
             # The same, made durable as a restore is: qemu-img flushes at the end.
             (w / "conv.qcow2").unlink()
             self.record(
-                "qemu-img convert -t writeback (durable)",
-                data,
-                timed(
-                    [
-                        "qemu-img",
-                        "convert",
-                        "-t",
-                        "writeback",
-                        "-f",
-                        "raw",
-                        "-O",
-                        "qcow2",
-                        str(export),
-                        str(w / "conv.qcow2"),
-                    ]
-                ),
+                "qemu-img convert -t writeback (durable)", data, convert(export, w, "writeback")
             )
             self.record(
                 "restore full+inc",

@@ -16,7 +16,7 @@ from libvirtnbdbackup.format.frames import Kind
 from libvirtnbdbackup.format.index import Extent as IndexExtent
 from libvirtnbdbackup.format.index import FileIndex, build_index
 from libvirtnbdbackup.jobs import restore
-from libvirtnbdbackup.jobs.restore import FileSource, plan_writes
+from libvirtnbdbackup.jobs.restore import FileSource, Write, plan_writes
 from tests.unit.test_stream_roundtrip import Compression, Extent, write_stream
 
 SIZE = 300
@@ -78,6 +78,20 @@ def test_a_zero_frame_of_an_inc_wins_over_data_of_the_full() -> None:
     assert [(s, e) for _x, s, e in plan[1]] == [(180, 190)]
 
 
+def planned_file(
+    folder: Path, extents: list[Extent], compressed: Compression
+) -> tuple[Path, list[list[Write]]]:
+    """A 40,000-byte disk's data file (pieces of 4096), and the restore plan
+    of it under a later file whose data covers [3000, 13000)."""
+    raw, _, _ = write_stream(extents, 40000, compressed, max_piece=4096)
+    path = folder / "vda.full.data"
+    path.write_bytes(raw)
+    with path.open("rb") as fh:
+        index = build_index(fh, str(path))
+    later = FileIndex("inc", 0, "", 40000, False, [IndexExtent(3000, 10000, 0)])
+    return path, plan_writes([index, later], 40000)
+
+
 @pytest.mark.parametrize("compressed", [False, 2])
 def test_file_source_returns_the_planned_bytes(tmp_path: Path, compressed: Compression) -> None:
     data = bytes(range(256)) * 40 + b"text " * 3000  # 25,240 bytes: pieces of 4096
@@ -86,13 +100,7 @@ def test_file_source_returns_the_planned_bytes(tmp_path: Path, compressed: Compr
         Extent(Kind.DATA, 1000, len(data), data, (7, 5000)),
         Extent(Kind.DATA, 1000 + len(data), 3, b"end"),
     ]
-    raw, _, _ = write_stream(extents, 40000, compressed, max_piece=4096)
-    path = tmp_path / "vda.full.data"
-    path.write_bytes(raw)
-    with path.open("rb") as fh:
-        index = build_index(fh, str(path))
-    later = FileIndex("inc", 0, "", 40000, False, [IndexExtent(3000, 10000, 0)])
-    plan = plan_writes([index, later], 40000)
+    path, plan = planned_file(tmp_path, extents, compressed)
     got = bytearray(40000)
     with FileSource(path, compressed is not False) as src:
         for offset, chunk in src.chunks(plan[0]):
@@ -130,13 +138,8 @@ def test_units_written_in_any_order_by_many_threads_give_the_same_bytes(
     monkeypatch.setattr(restore, "CHUNK", 1000)
     data = bytes(range(256)) * 40 + b"text " * 3000
     extents = [Extent(Kind.DATA, 0, len(data), data), Extent(Kind.DATA, 30000, 5000, data[:5000])]
-    raw, _, _ = write_stream(extents, 40000, compressed, max_piece=4096)
-    path = tmp_path / "vda.full.data"
-    path.write_bytes(raw)
-    with path.open("rb") as fh:
-        index = build_index(fh, str(path))
-    later = FileIndex("inc", 0, "", 40000, False, [IndexExtent(3000, 10000, 0)])
-    writes = plan_writes([index, later], 40000)[0]
+    path, plan = planned_file(tmp_path, extents, compressed)
+    writes = plan[0]
     with FileSource(path, compressed is not False) as src:
         in_order = bytearray(40000)
         for offset, chunk in src.chunks(writes):
