@@ -127,3 +127,16 @@ def test_offline_diffs_hold_every_change_since_the_last_inc(
             f"vda.full.data,vda.inc.virtnbdbackup.1.data,{diffs[0].name}",
         ),
     )
+
+
+def test_offline_compressed_copy_reads_over_one_connection_per_lane(
+    small_vm: LabVM, tmp_path: Path
+) -> None:
+    """qemu-nbd must take the extra connections of the lz4 lanes."""
+    vm = small_vm
+    vm.dom.destroy()
+    out = tmp_path / "backup"
+    backup_ok(vm, out, "copy", "-z")
+    meta = read_meta(str(out / "vda.copy.data"))
+    assert meta.is_compressed
+    assert images_identical(vm.images["vda"], restore_image(out, tmp_path / "restored"))
