@@ -341,7 +341,8 @@ class RestoreJob:
                     if self.cancel.is_set():
                         raise Interrupted("restore interrupted")
                     yield offset, chunk
-                    bar.update(len(chunk))
+                    with lock:
+                        bar.update(len(chunk))
                     if behind is not None:
                         behind.wrote(len(chunk))
 
