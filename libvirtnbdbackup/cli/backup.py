@@ -12,13 +12,8 @@ from pathlib import Path
 from .. import __version__
 from ..adapters.domainxml import split_names
 from ..errors import UsageError, VirtnbdError
-from ..jobs.backup import (
-    BackupJob,
-    BackupOptions,
-    check_output_folder,
-    kill_backup_job,
-    resolve_level,
-)
+from ..jobs.backup import BackupJob, kill_backup_job
+from ..jobs.backupoptions import BackupOptions, check_output_folder, resolve_level
 from ..targets.base import Target
 from ..targets.directory import DirectoryTarget
 from ..targets.zipstream import ZipTarget

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,13 @@ from ..adapters.virt import (
 from ..errors import DomainError, Interrupted, QemuToolError, SshError, UsageError
 from ..targets.base import Target
 from ..targets.directory import write_atomic
+from .backupoptions import BackupOptions
 from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
-from .remote import Remote, RemoteOptions
+from .remote import Remote
 
 log = logging.getLogger(__name__)
 
-# Files whose presence means the folder already holds a backup set.
-BACKUP_SET_PATTERNS = ("*.data", "*.data.partial", "*.cpt", "vmconfig.*.xml")
 # lz4 runs at several hundred MiB/s per thread: a few lanes (threads that
 # read and compress, each over its own NBD connection) outrun the source.
 MAX_COMPRESS_LANES = 4
@@ -47,98 +46,6 @@ MAX_COMPRESS_LANES = 4
 
 def compress_lanes() -> int:
     return max(1, min(MAX_COMPRESS_LANES, os.cpu_count() or 2))
-
-
-@dataclass
-class BackupOptions:
-    domain: str
-    level: str  # copy, full, inc or diff (auto is resolved before the job)
-    output: str  # a folder, or "-" for a zip on stdout
-    uri: str = "qemu:///system"
-    user: str | None = None
-    password: str | None = None
-    output_type: str = "stream"  # stream or raw
-    raw: bool = False
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    checkpoint_dir: str | None = None
-    scratch_dir: str = "/var/tmp"
-    socket_file: str | None = None
-    compress: int | None = None
-    workers: int | None = None
-    progress: bool = True
-    sparse: bool = True
-    printonly: bool = False  # print the estimated size of the next inc/diff, then stop
-    threshold: int = 0  # skip an inc/diff that changed fewer bytes
-    start_domain: bool = False  # back up a shut-off domain by starting it paused
-    pause: bool = False  # suspend the domain while the backup job starts
-    remote: RemoteOptions = field(default_factory=RemoteOptions)
-
-    @property
-    def cpt_file(self) -> Path:
-        return self.meta_dir / f"{self.domain}.cpt"
-
-    @property
-    def to_stdout(self) -> bool:
-        return self.output == "-"
-
-    @property
-    def meta_dir(self) -> Path:
-        """Where the checkpoint list and checkpoint XML files live."""
-        return Path("." if self.to_stdout else self.output)
-
-
-def backup_set_files(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        return []
-    return sorted({p.name for pat in BACKUP_SET_PATTERNS for p in folder.glob(pat)})
-
-
-def resolve_level(opts: BackupOptions) -> str:
-    """``auto``: a full backup into an empty folder, else an incremental one."""
-    if opts.level != "auto":
-        return opts.level
-    if opts.to_stdout:
-        raise UsageError("level auto needs a backup folder, not standard output")
-    return "inc" if backup_set_files(Path(opts.output)) else "full"
-
-
-def check_output_folder(opts: BackupOptions) -> None:
-    """Refuse a folder that does not fit the level: never overwrite a backup."""
-    if opts.to_stdout:
-        if opts.output_type == "raw":
-            raise UsageError("output type raw cannot be written to standard output")
-        return
-    folder = Path(opts.output)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder} is not a folder")
-    found = backup_set_files(folder)
-    if opts.level in ("copy", "full"):
-        if found:
-            raise UsageError(
-                f"{folder} already holds a backup set ({', '.join(found[:3])}"
-                f"{', ...' if len(found) > 3 else ''}); a {opts.level} backup needs an "
-                "empty folder: choose a new one"
-            )
-        return
-    if opts.output_type == "raw":
-        raise UsageError(f"output type raw cannot hold {opts.level} backups; use the stream type")
-    if opts.raw:
-        raise UsageError(
-            f"raw-format disks have no dirty bitmap: leave out --raw for {opts.level} backups"
-        )
-    partial = [name for name in found if name.endswith(".partial")]
-    if partial:
-        raise UsageError(
-            f"{folder} holds unfinished data files of a failed backup ({', '.join(partial)}); "
-            f"an {opts.level} backup on top of it could not be restored: remove them and take "
-            "a new full backup into a new folder"
-        )
-    if not opts.cpt_file.is_file():
-        raise UsageError(
-            f"{folder} holds no full backup to build on ({opts.cpt_file.name} is missing); "
-            "take a full backup first"
-        )
 
 
 def local_image_infos(
