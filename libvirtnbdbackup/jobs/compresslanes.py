@@ -22,7 +22,6 @@ from ..adapters.nbdclient import NbdClient
 from ..errors import Interrupted, NbdError
 from ..format.writer import PieceCompressor, piece_lengths
 
-READ_CHUNK = 512 * 1024
 READ_DEPTH = 8  # reads in flight per lane
 # Raw bytes one task reads: one piece of the largest size, or many small
 # ones whose reads then share one pipeline.
@@ -138,7 +137,7 @@ class CompressionLanes:
     def _compress(self, task: list[Piece], parts: queue.SimpleQueue[Part]) -> None:
         # Closed here, on every way out: its reads in flight end while the
         # connection is still open.
-        with contextlib.closing(self._client().read(task, READ_CHUNK, READ_DEPTH)) as reads:
+        with contextlib.closing(self._client().read(task, depth=READ_DEPTH)) as reads:
             self._compress_reads(task, reads, parts)
 
     def _compress_reads(

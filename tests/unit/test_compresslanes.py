@@ -26,8 +26,9 @@ class FakeClient:
         self.threads: set[str] = set()
 
     def read(
-        self, ranges: Iterable[tuple[int, int]], chunk: int, _depth: int
+        self, ranges: Iterable[tuple[int, int]], chunk: int = 700, depth: int = 16
     ) -> Iterator[tuple[int, memoryview]]:
+        """Chunks of 700 bytes by default: many per piece, none lined up with one."""
         self.threads.add(threading.current_thread().name)
         for start, length in ranges:
             for offset in range(start, start + length, chunk):
@@ -56,7 +57,6 @@ def test_pieces_come_out_in_order_with_the_bytes_of_a_one_shot_frame(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(compresslanes, "TASK_BYTES", 3000)
-    monkeypatch.setattr(compresslanes, "READ_CHUNK", 700)
     data = [(0, 100), (1000, 5000), (9000, 70000), (90000, 64)]
     clients: list[FakeClient] = []
 
