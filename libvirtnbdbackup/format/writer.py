@@ -164,13 +164,7 @@ class StreamWriter:
         if self._level is None:
             raise ValueError("packed data frame in an uncompressed stream")
         self._start_data(offset, length)
-        sizes = []
-        for parts in pieces:
-            size = 0
-            for part in parts:
-                self._out.write(part)
-                size += len(part)
-            sizes.append(size)
+        sizes = [self._write_parts(parts) for parts in pieces]
         if len(sizes) != len(piece_lengths(length, self._max_piece)):
             raise ValueError(f"extent at offset {offset}: wrong number of pieces")
         self._pieces.append((length, sizes))
@@ -263,10 +257,13 @@ class StreamWriter:
         self._pieces.append((length, sizes))
         return got
 
-    def _write_parts(self, parts: list[bytes]) -> int:
+    def _write_parts(self, parts: Iterable[bytes]) -> int:
+        """Write compressed parts as they come; their byte count."""
+        size = 0
         for part in parts:
             self._out.write(part)
-        return sum(len(p) for p in parts)
+            size += len(part)
+        return size
 
     def _trailer(self) -> list[TrailerEntry]:
         entries: list[TrailerEntry] = []
