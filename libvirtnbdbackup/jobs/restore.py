@@ -430,18 +430,14 @@ class FileSource:
     def __exit__(self, *_exc: object) -> None:
         os.close(self._fd)
 
-    def chunks(self, writes: list[Write]) -> Iterator[tuple[int, memoryview]]:
-        """``(disk offset, data)`` of all ``writes``, in order; each view is
-        valid until the next is asked for."""
-        for unit in self.units(writes):
-            yield from self.unit_chunks(unit)
-
     def units(self, writes: list[Write]) -> Iterator[Unit]:
         if self.compressed:
             return self._pieces(writes)
         return iter(writes)
 
     def unit_chunks(self, unit: Unit) -> Iterator[tuple[int, memoryview]]:
+        """``(disk offset, data)`` of one unit; each view is valid until the
+        next is asked for."""
         if isinstance(unit[0], Piece):
             piece, parts = unit
             yield from self._decompressed(piece, parts)
