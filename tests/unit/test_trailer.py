@@ -24,6 +24,8 @@ from libvirtnbdbackup.format.frames import MAX_REQUEST_SIZE
 from libvirtnbdbackup.format.meta import StreamMeta
 from libvirtnbdbackup.format.writer import StreamWriter, compress_pieces, piece_lengths
 
+from .samples import DATE
+
 Compression = bool | int
 MAX_PIECE = 256
 SPEC_META_KEYS = {
@@ -54,7 +56,7 @@ def write(
     *,
     max_piece: int = MAX_PIECE,
     packed: bool = False,
-    date: str = "2024-05-06T07:08:09.123456",
+    date: str = DATE,
 ) -> tuple[bytes, dict[int, bytes]]:
     """Write ``extents`` ((kind, start, length)); return the file and each data extent's bytes."""
     payloads = {start: pattern(length, start) for kind, start, length in extents if kind == "data"}
