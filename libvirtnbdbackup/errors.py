@@ -39,3 +39,7 @@ class Interrupted(VirtnbdError):
 
 class SshError(VirtnbdError):
     """The hypervisor host cannot be reached over SSH, or a command there failed."""
+
+
+class FolderLocked(TargetError):
+    """Another live process holds the lock of a backup or restore folder."""

@@ -16,6 +16,7 @@ from ..jobs.backup import BackupJob, kill_backup_job
 from ..jobs.backupoptions import BackupOptions, check_output_folder, resolve_level
 from ..targets.base import Target
 from ..targets.directory import DirectoryTarget
+from ..targets.lock import FolderLock
 from ..targets.zipstream import ZipTarget
 from .common import (
     EXIT_ERROR,
@@ -199,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cancel = threading.Event()
     install_signal_handlers(cancel)
+    lock: FolderLock | None = None
     try:
         opts = options_from(args)
+        if not args.killonly and not opts.to_stdout:
+            lock = lock_backup_folder(opts, args.level)
         if not args.killonly:
             opts.level = resolve_level(opts)
             if opts.printonly and opts.level not in ("inc", "diff"):
@@ -209,9 +213,41 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = Path(opts.meta_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
     except (VirtnbdError, OSError) as err:
+        if lock is not None:
+            lock.release()
         setup_logging(args, None)
         log.error("%s", err)
         return EXIT_ERROR
+    try:
+        return _run(args, opts, cancel, lock, log_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_backup_folder(opts: BackupOptions, level: str) -> FolderLock:
+    """One backup at a time into a folder; made if missing, to hold the lock."""
+    folder = Path(opts.output)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create backup folder {folder}: {err.strerror}") from None
+    return FolderLock(
+        folder,
+        f"virtnbdbackup -l {level} of domain {opts.domain}",
+        details={"domain": opts.domain, "level": level},
+    ).acquire()
+
+
+def _run(
+    args: argparse.Namespace,
+    opts: BackupOptions,
+    cancel: threading.Event,
+    lock: FolderLock | None,
+    log_dir: Path,
+) -> int:
     stamp = datetime.now().strftime("%m%d%Y%H%M%S")
     log_file = None if args.killonly else str(log_dir / f"backup.{opts.level}.{stamp}.log")
     counter = setup_logging(args, log_file)
@@ -228,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         target: Target = (
             ZipTarget(sys.stdout.buffer) if opts.to_stdout else DirectoryTarget(opts.output)
         )
-        BackupJob(opts, target, cancel).run()
+        BackupJob(opts, target, cancel, stale=lock.stale if lock else None).run()
         if opts.to_stdout and log_file:
             log.info("backup finished")
             target.copy_file(Path(log_file).name, log_file)

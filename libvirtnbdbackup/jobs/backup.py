@@ -32,6 +32,7 @@ from ..adapters.virt import (
 from ..errors import DomainError, Interrupted, QemuToolError, SshError, UsageError
 from ..targets.base import Target
 from ..targets.directory import write_atomic
+from ..targets.lock import LOCK_NAME
 from .backupoptions import BackupOptions
 from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
@@ -74,8 +75,17 @@ ExportOpener = Callable[[Disk], AbstractContextManager[Export]]
 
 
 class BackupJob:
-    def __init__(self, opts: BackupOptions, target: Target, cancel: threading.Event) -> None:
+    def __init__(
+        self,
+        opts: BackupOptions,
+        target: Target,
+        cancel: threading.Event,
+        *,
+        stale: dict[str, Any] | None = None,
+    ) -> None:
+        """``stale``: the lock record a killed run left in the backup folder."""
         self.opts = opts
+        self.stale = stale
         self.target = target
         self.cancel = cancel
         self._healed: set[str] = set()  # orphan bitmaps removed in this run
@@ -268,7 +278,7 @@ class BackupJob:
                 if isinstance(h, logging.FileHandler)
             }
             for entry in sorted(folder.iterdir()):
-                if entry == archive or entry.name in current_log:
+                if entry == archive or entry.name in current_log or entry.name == LOCK_NAME:
                     continue
                 if entry.is_dir() and entry.name.startswith("chain."):
                     continue  # chains set aside before

@@ -28,6 +28,7 @@ from ..format.chainimage import merge_layers
 from ..format.index import Extent, FileIndex, build_index, load_index
 from ..format.reader import file_adler32, lz4_content_size
 from ..targets.directory import PARTIAL_SUFFIX
+from ..targets.lock import FolderLock
 from ..targets.writeback import WriteBehind
 from .backupset import (
     DataFile,
@@ -132,6 +133,20 @@ class RestoreJob:
             self.host = self.remote.host()
             log.info("restoring to %s on %s", self.output, self.host.name)
         self.host.makedirs(self.output)
+        if self.host.is_remote:
+            # flock cannot reach a folder on another host; restores there are
+            # kept apart by their distinct NBD ports only.
+            return self._restore_locked(disk_chains, config, names, hypervisor)
+        with FolderLock(self.output, f"virtnbdrestore of {self.input}"):
+            return self._restore_locked(disk_chains, config, names, hypervisor)
+
+    def _restore_locked(
+        self,
+        disk_chains: dict[str, list[DataFile]],
+        config: Path | None,
+        names: dict[str, str],
+        hypervisor: Hypervisor | None,
+    ) -> list[Path]:
         restored: dict[str, tuple[str, str]] = {}
         for position, (disk, chain) in enumerate(disk_chains.items()):
             image = os.path.join(self.output, names[disk])
@@ -232,7 +247,10 @@ class RestoreJob:
         if self.host.exists(image):
             raise TargetError(f"{image} exists already; remove it or restore to another folder")
         partial = image + PARTIAL_SUFFIX
-        self.host.remove(partial)
+        if self.host.exists(partial):
+            # The folder is locked: no other restore is writing it.
+            log.warning("removing %s, left by an interrupted restore", partial)
+            self.host.remove(partial)
         return partial
 
     def _discard(self, partial: str) -> None:
