@@ -17,6 +17,37 @@ from ..format.reader import is_stream_file, read_meta
 PARTIAL_SUFFIX = ".partial"
 
 
+def plain_name(name: str, what: str) -> str:
+    """``name``, taken from a backup set, if it is safe as one file name.
+
+    A set is data, possibly hostile: a disk name of ``../../etc/x`` or
+    ``/tmp/x`` would put a restored image outside the output folder. One
+    path component only, no NUL, and no leading dot (no ``..``, no hidden
+    files); anything else refuses the whole set.
+    """
+    if not name or "/" in name or "\0" in name or name.startswith("."):
+        raise StreamError(
+            f"the backup set names {what} {name!r}, which is not a plain file name; "
+            "refusing the set (it was damaged or made to write outside the output folder)"
+        )
+    return name
+
+
+def inside(folder: Path, path: Path) -> Path:
+    """``path``, if it is in ``folder`` also after following symlinks.
+
+    Restore and map never read through a symlink that leads out of the
+    backup folder (a loader linked to /etc/shadow would be copied out).
+    """
+    real = path.resolve()
+    if not real.is_relative_to(folder.resolve()):
+        raise TargetError(
+            f"{path} is a symlink to {real}, outside the backup folder {folder}; "
+            "refusing to read it"
+        )
+    return path
+
+
 @dataclass(frozen=True)
 class DataFile:
     path: Path
@@ -43,15 +74,15 @@ def scan(folder: str | Path) -> list[DataFile]:
     root = Path(folder)
     if not root.is_dir():
         raise TargetError(f"{root} is not a backup folder")
-    return [data_file(path) for path in sorted(root.glob("*.data"))]
+    return [data_file(inside(root, path)) for path in sorted(root.glob("*.data"))]
 
 
 def data_file(path: Path) -> DataFile:
     """A stream file with its meta, or a raw image (named ``<disk>.copy.data``)."""
     if is_stream_file(str(path)):
         meta = read_meta(str(path))
-        return DataFile(path, meta.disk_name, meta)
-    return DataFile(path, path.name.split(".", 1)[0], None)
+        return DataFile(path, plain_name(meta.disk_name, f"in {path.name} the disk"), meta)
+    return DataFile(path, plain_name(path.name.split(".", 1)[0], "the disk"), None)
 
 
 def latest_config(folder: Path, sequences: list[list[DataFile]]) -> Path | None:
@@ -59,7 +90,7 @@ def latest_config(folder: Path, sequences: list[list[DataFile]]) -> Path | None:
     for sequence in sequences:
         candidate = folder / f"vmconfig.{sequence[-1].ident}.xml"
         if candidate.is_file():
-            return candidate
+            return inside(folder, candidate)
     return None
 
 
@@ -181,15 +212,18 @@ def saved_boot_files(config: Path) -> dict[str, Path]:
     ident = config_ident(config)
     found = {}
     for path in boot_files(config.read_text()):
-        base = os.path.basename(path)
+        base = plain_name(os.path.basename(path), "the boot file")
         for saved in (config.parent / f"{base}.{ident}", config.parent / base):
             if saved.is_file():
-                found[path] = saved
+                found[path] = inside(config.parent, saved)
                 break
     return found
 
 
 def load_json(path: Path) -> Any:
+    """The JSON side file at ``path`` (in a backup folder), None when missing or unreadable."""
+    if path.is_file():
+        inside(path.parent, path)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -205,6 +239,7 @@ def image_names(config: Path | None, disks: list[str]) -> dict[str, str]:
     used: set[str] = set()
     for disk in disks:
         name = os.path.basename(sources.get(disk, "")) or disk
+        plain_name(name, f"for disk {disk} the image")
         if name in used:
             name = f"{disk}.{name}"
         used.add(name)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..adapters.virt import CHECKPOINT_PREFIX
 from ..errors import UsageError
+from .backupset import plain_name
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ def read_chain(cpt_file: Path) -> list[str]:
         raise UsageError(f"{cpt_file} is damaged ({err}); start a new chain with -l full") from None
     if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
         raise UsageError(f"{cpt_file} is not a list of checkpoint names")
+    for name in chain:  # each names a file in the checkpoint folder
+        plain_name(name, f"in {cpt_file.name} the checkpoint")
     return chain
 
 

@@ -9,7 +9,7 @@ import pytest
 from libvirtnbdbackup.adapters.nbdclient import Extent
 from libvirtnbdbackup.errors import StreamError, UsageError
 from libvirtnbdbackup.jobs.backupset import DataFile, chains, ordered_sequence
-from libvirtnbdbackup.jobs.chainplan import plan_step
+from libvirtnbdbackup.jobs.chainplan import plan_step, read_chain
 from libvirtnbdbackup.jobs.diskbackup import Region, allocation_regions, changed_regions
 
 from .samples import sample_meta
@@ -116,3 +116,13 @@ def test_broken_chains_name_the_missing_link() -> None:
         ordered_sequence([FULL, INC2])
     with pytest.raises(StreamError, match="must start with a full or copy file"):
         ordered_sequence([INC1])
+
+
+@pytest.mark.parametrize("name", ["../../../etc/x", "/etc/x", ".hidden", ""])
+def test_checkpoint_names_of_a_cpt_file_stay_in_the_checkpoint_folder(
+    tmp_path: Path, name: str
+) -> None:
+    cpt = tmp_path / "vm.cpt"
+    cpt.write_text(f'["virtnbdbackup.0", "{name}"]')
+    with pytest.raises(StreamError, match="not a plain file name"):
+        read_chain(cpt)
