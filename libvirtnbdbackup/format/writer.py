@@ -23,7 +23,6 @@ from .meta import StreamMeta
 Buffer = bytes | bytearray | memoryview
 
 
-COMPRESS_SLICE = 1024 * 1024
 LZ4_BLOCK = 64 * 1024  # lz4.frame's default block size
 
 
@@ -31,11 +30,17 @@ class PieceCompressor:
     """One LZ4 frame of the format (content size, block and content
     checksums), fed as the piece's bytes arrive.
 
-    The bytes are those of a one-shot ``lz4.frame.compress`` of the piece,
-    as the existing tool writes: fed in slices, lz4 never holds a second
-    copy of a 32 MiB piece. A piece that fits in one LZ4 block is
-    compressed in one shot, because that call flags such a frame's blocks
-    as independent and the streaming one does not.
+    Its bytes are those of the existing tool's one-shot
+    ``lz4.frame.compress`` of the whole piece, without ever holding the
+    piece. A one-shot call compresses each 64 KiB block with the previous
+    block right before it in memory. lz4's streaming compressor does the
+    same only for blocks it assembles in its own buffer, where it keeps the
+    last 64 KiB as the window; a block it takes straight from the caller's
+    buffer loses that contiguity and compresses differently. So the bytes
+    are fed cut one byte past each block boundary: every call then
+    completes the block already begun inside lz4, and starts the next one
+    there. A piece that fits in one block is compressed in one shot, because
+    that call flags such a frame's blocks as independent.
     """
 
     def __init__(self, length: int, level: int) -> None:
@@ -45,6 +50,7 @@ class PieceCompressor:
             compression_level=level, block_checksum=True, content_checksum=True
         )
         self._begun = False
+        self._fed = 0
         self._length = length
 
     def feed(self, data: Buffer) -> list[bytes]:
@@ -57,10 +63,16 @@ class PieceCompressor:
             parts.append(self._packer.begin(source_size=self._length))
             self._begun = True
         view = memoryview(data)
-        for pos in range(0, len(view), COMPRESS_SLICE):
-            part = self._packer.compress(view[pos : pos + COMPRESS_SLICE])
+        pos = 0
+        while pos < len(view):
+            # Up to one byte past the next block boundary (the first call: one byte).
+            cut = self._fed - (self._fed - 1) % LZ4_BLOCK + LZ4_BLOCK if self._fed else 1
+            n = min(cut - self._fed, len(view) - pos)
+            part = self._packer.compress(view[pos : pos + n])
             if part:
                 parts.append(part)
+            pos += n
+            self._fed += n
         return parts
 
     def finish(self) -> list[bytes]:
