@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
 from datetime import datetime
 from pathlib import Path
 
 from .. import __version__
 from ..adapters.domainxml import split_names
 from ..errors import UsageError, VirtnbdError
+from ..interrupts import Cancel
 from ..jobs.backup import BackupJob, kill_backup_job
 from ..jobs.backupoptions import BackupOptions, check_output_folder, resolve_level
 from ..targets.base import Target
@@ -198,8 +198,7 @@ def options_from(args: argparse.Namespace) -> BackupOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cancel = threading.Event()
-    install_signal_handlers(cancel)
+    cancel = install_signal_handlers("virtnbdbackup")
     lock: FolderLock | None = None
     try:
         opts = options_from(args)
@@ -244,7 +243,7 @@ def lock_backup_folder(opts: BackupOptions, level: str) -> FolderLock:
 def _run(
     args: argparse.Namespace,
     opts: BackupOptions,
-    cancel: threading.Event,
+    cancel: Cancel,
     lock: FolderLock | None,
     log_dir: Path,
 ) -> int:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
-from typing import Any
 
-from .. import __version__
+from .. import __version__, interrupts
 from ..adapters.nbdclient import DEFAULT_PORT
 from ..errors import Interrupted, VirtnbdError
+from ..interrupts import Cancel, Stopped
 from ..jobs.remote import DEFAULT_TLS_DIR, RemoteOptions
 
 EXIT_OK = 0
@@ -150,23 +148,18 @@ def setup_logging(args: argparse.Namespace, log_file: str | None) -> WarningCoun
     return counter
 
 
-def install_signal_handlers(cancel: threading.Event) -> None:
-    """SIGINT and SIGTERM ask the running job to stop and clean up."""
-
-    def handler(signum: int, _frame: Any) -> None:
-        if cancel.is_set():
-            return
-        log.error("caught %s: stopping and cleaning up", signal.Signals(signum).name)
-        cancel.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+def install_signal_handlers(prog: str) -> Cancel:
+    """SIGINT and SIGTERM stop the job (``interrupts``); the event jobs poll."""
+    return interrupts.install(prog)
 
 
 def run_job(job: Callable[[], None], counter: WarningCounter, strict: bool) -> int:
     """Run ``job``; map its outcome to the exit code."""
     try:
         job()
+    except Stopped as err:
+        log.error("%s", err)
+        return EXIT_ERROR
     except Interrupted as err:
         log.error("%s", err)
         return EXIT_ERROR

@@ -68,10 +68,19 @@ def read_project(pyproject: Path = REPO / "pyproject.toml") -> Project:
         raise SystemExit(f"{pyproject} is missing: man pages are built in a source checkout")
     project = tomllib.loads(pyproject.read_text())["project"]
     commands = tuple(
-        Command(name, target.split(":", 1)[0])
+        Command(name, parser_module(name, target.split(":", 1)[0]))
         for name, target in sorted(project.get("scripts", {}).items())
     )
     return Project(project["version"], commands)
+
+
+def parser_module(name: str, module: str) -> str:
+    """A script that starts through the launcher (``cli/launch.py``) has its
+    parser in the module the launcher names."""
+    commands = getattr(importlib.import_module(module), "COMMANDS", None)
+    if isinstance(commands, dict) and name in commands:
+        return str(commands[name])
+    return module
 
 
 def build_parser(command: Command) -> argparse.ArgumentParser:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
 
 from .. import __version__
 from ..jobs.map import MapJob, MapOptions, stop_running
@@ -156,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.boot and args.device:
         parser.error("--boot needs no block device: leave out -d")
 
-    cancel = threading.Event()
-    install_signal_handlers(cancel)
+    cancel = install_signal_handlers("virtnbdmap")
     log.info("virtnbdmap %s", __version__)
     opts = MapOptions(
         files=files,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
 
 from .. import __version__
 from ..jobs.restore import RestoreJob, RestoreOptions, dump_json, verify
@@ -112,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compress and args.preallocate:
         parser.error("--compress and -A/--preallocate exclude each other")
     counter = setup_logging(args, None)
-    cancel = threading.Event()
-    install_signal_handlers(cancel)
+    cancel = install_signal_handlers("virtnbdrestore")
 
     if args.output == "dump":
         return run_job(lambda: print(dump_json(args.input)), counter, args.strict)

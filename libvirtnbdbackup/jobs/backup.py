@@ -30,6 +30,7 @@ from ..adapters.virt import (
     own_checkpoints,
 )
 from ..errors import DomainError, Interrupted, QemuToolError, SshError, UsageError
+from ..interrupts import Cancel
 from ..targets.base import Target
 from ..targets.directory import write_atomic
 from ..targets.lock import LOCK_NAME
@@ -79,7 +80,7 @@ class BackupJob:
         self,
         opts: BackupOptions,
         target: Target,
-        cancel: threading.Event,
+        cancel: Cancel,
         *,
         stale: dict[str, Any] | None = None,
     ) -> None:
@@ -186,14 +187,17 @@ class BackupJob:
         job_xml = backup_xml(disks, all_disks, server, scratch, step.since, bind)
         log.info("starting backup job, NBD server %s", server)
         try:
-            if self.opts.pause:
-                log.info("pausing domain %s while the backup job starts", domain.name)
-                domain.suspend()
-            try:
-                domain.begin_backup(job_xml, new_checkpoint)
-            finally:
+            # Not cut short by a signal: a job started must be known to be
+            # stopped, a paused domain resumed.
+            with self.cancel.deferred():
                 if self.opts.pause:
-                    domain.resume()
+                    log.info("pausing domain %s while the backup job starts", domain.name)
+                    domain.suspend()
+                try:
+                    domain.begin_backup(job_xml, new_checkpoint)
+                finally:
+                    if self.opts.pause:
+                        domain.resume()
         except DomainError as err:
             orphan = _existing_bitmap(str(err))
             if orphan and orphan == step.create and orphan not in self._healed:
@@ -223,9 +227,11 @@ class BackupJob:
             results = self._backup_disks(disks, step, partial(self._job_export, server, step))
             self._save_metadata(domain, domain_xml, disks, step)
         except BaseException:
-            self._stop_job(domain)
-            if step.create:
-                self._drop_checkpoint(domain, step.create)
+            with self.cancel.scope():
+                self.cancel.defer()
+                self._stop_job(domain)
+                if step.create:
+                    self._drop_checkpoint(domain, step.create)
             raise
         self._stop_job(domain)
         return results

@@ -18,7 +18,6 @@ import pwd
 import shutil
 import signal
 import tempfile
-import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from ..adapters.nbdkit import Endpoint, NbdkitServer
 from ..adapters.virt import Domain, Hypervisor
 from ..errors import DomainError, NbdError, TargetError, UsageError, VirtnbdError
 from ..format.index import open_index
+from ..interrupts import Cancel
 from .backupset import (
     DataFile,
     chains,
@@ -79,7 +79,7 @@ class MappedDisk:
 
 
 class MapJob:
-    def __init__(self, opts: MapOptions, cancel: threading.Event) -> None:
+    def __init__(self, opts: MapOptions, cancel: Cancel) -> None:
         self.opts = opts
         self.cancel = cancel
         self.workdir: Path | None = None
@@ -87,7 +87,7 @@ class MapJob:
 
     def run(self) -> None:
         disks = self._sequences()
-        with contextlib.ExitStack() as stack:
+        with self.cancel.scope(), contextlib.ExitStack() as stack:
             self.workdir = Path(tempfile.mkdtemp(prefix="virtnbdmap.", dir=WORK_PARENT))
             stack.callback(shutil.rmtree, self.workdir, True)
             if self.opts.boot:
@@ -106,6 +106,9 @@ class MapJob:
             _register(record)
             stack.callback(_unregister)
             print("ready: press Ctrl-C or run 'virtnbdmap --stop' to unmap", flush=True)
+            # A signal is the normal end of the wait: it must not cut the
+            # unmapping short (a second one still exits at once).
+            self.cancel.defer()
             self._wait()
             log.info("unmapping")
 

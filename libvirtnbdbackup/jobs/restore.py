@@ -27,6 +27,7 @@ from ..errors import Interrupted, StreamError, TargetError, UsageError, VirtnbdE
 from ..format.chainimage import merge_layers
 from ..format.index import Extent, FileIndex, build_index, load_index
 from ..format.reader import file_adler32, lz4_content_size
+from ..interrupts import Cancel
 from ..targets.directory import PARTIAL_SUFFIX
 from ..targets.lock import FolderLock
 from ..targets.writeback import WriteBehind
@@ -72,7 +73,7 @@ class RestoreOptions:
 
 
 class RestoreJob:
-    def __init__(self, opts: RestoreOptions, cancel: threading.Event) -> None:
+    def __init__(self, opts: RestoreOptions, cancel: Cancel) -> None:
         self.opts = opts
         self.cancel = cancel
         self.input = Path(opts.input)
@@ -223,7 +224,9 @@ class RestoreJob:
                 qemu.convert_raw(str(source.path), partial)
             self.host.commit(partial, image)
         except BaseException:
-            self._discard(partial)
+            with self.cancel.scope():
+                self.cancel.defer()
+                self._discard(partial)
             raise
         log.info("disk %s: copied raw image to %s", source.disk, image)
 
@@ -313,7 +316,9 @@ class RestoreJob:
                 qemu.convert_compressed(work, partial, options, self.host)
             self.host.commit(partial, image)
         except BaseException:
-            self._discard(partial)
+            with self.cancel.scope():
+                self.cancel.defer()
+                self._discard(partial)
             raise
         finally:
             if self.opts.compress:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -14,6 +15,7 @@ from .vmlab import (
     ensure_libvirtd,
     remove_leftovers,
     remove_vm,
+    run_tool,
 )
 
 # vda: holes, data past 2 GiB, explicit zero clusters (unallocated and
@@ -76,3 +78,21 @@ def uefi_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
     )
     yield lab
     remove_vm(lab)
+
+
+@pytest.fixture(scope="session")
+def data_vm(conn: libvirt.virConnect) -> Iterator[LabVM]:
+    """Enough incompressible data (256 MiB) that a backup or restore runs for a
+    while; tests must leave it as they found it (no checkpoints, no job)."""
+    lab = create_vm(conn, [DiskSpec("vda", 512 * MiB, random_mib=256)], cdrom=False)
+    yield lab
+    remove_vm(lab)
+
+
+@pytest.fixture(scope="session")
+def full_set(data_vm: LabVM, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy backup of ``data_vm``, not to be changed."""
+    out = tmp_path_factory.mktemp("set") / "backup"
+    proc = run_tool("virtnbdbackup", "-d", data_vm.name, "-l", "copy", "-n", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +90,37 @@ def run_tool(
         stdout=stdout if stdout is not None else subprocess.PIPE,  # type: ignore[arg-type]
         stderr=subprocess.PIPE,
     )
+
+
+def start_tool(tool: str, *args: str | Path) -> subprocess.Popen[str]:
+    """One of our commands in the background, without progress bars."""
+    return subprocess.Popen(
+        [str(BIN / tool), "-n", *[str(a) for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop_when(proc: subprocess.Popen[str], ready: Callable[[], bool]) -> None:
+    """Freeze ``proc`` (SIGSTOP) as soon as ``ready()`` holds (polled)."""
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"ended before it could be stopped: {proc.communicate()}")
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGSTOP)
+
+
+def exists(path: Path, min_size: int = 0) -> Callable[[], bool]:
+    return lambda: path.exists() and path.stat().st_size >= min_size
+
+
+def resume_to_end(proc: subprocess.Popen[str], expect: int = 0) -> str:
+    """SIGCONT a frozen ``proc`` and let it finish; its stderr."""
+    proc.send_signal(signal.SIGCONT)
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == expect, err
+    return err
 
 
 def backup_ok(vm: LabVM, out: Path, level: str, *args: str) -> str:
