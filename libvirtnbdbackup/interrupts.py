@@ -6,9 +6,10 @@ event, which worker threads poll, and raises :class:`Stopped` in the main
 thread, so that whatever it is blocked in unwinds through the ``finally``
 blocks that clean up (a backup job stopped, a checkpoint taken back,
 ``.partial`` files removed). Code that must not be cut short (that
-cleanup itself, or a wait whose normal end is a signal) runs inside
-``Cancel.deferred()``: a signal there only sets the event. A second signal
-exits at once, without cleaning up.
+cleanup itself, the start of a backup job, a wait whose normal end is a
+signal) calls ``Cancel.defer()`` inside a ``Cancel.scope()``: a signal
+there only sets the event, and ``Cancel.check()`` raises it afterwards. A
+second signal exits at once, without cleaning up.
 
 This module imports nothing of the package, so that installing it costs
 nothing.
@@ -16,6 +17,7 @@ nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -52,14 +54,9 @@ class Cancel(threading.Event):
     def raising(self) -> bool:
         return self._deferred == 0
 
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """A signal inside only sets the event; it raises Stopped at the end
-        of the block (unless an exception already leaves the block)."""
-        with self.scope():
-            self.defer()
-            yield
-        if self.signum is not None and self.raising:
+    def check(self) -> None:
+        """Raise Stopped if a signal came (e.g. during a deferred block)."""
+        if self.signum is not None:
             raise Stopped(self.signum)
 
     def defer(self) -> None:
@@ -99,6 +96,10 @@ def install(prog: str) -> Cancel:
             os._exit(EXIT_INTERRUPTED)
         cancel.signum = signum
         cancel.set()
+        logging.getLogger(prog).info(
+            "caught %s: cleaning up (a second one exits at once, without cleaning up)",
+            signal.Signals(signum).name,
+        )
         if cancel.raising and threading.current_thread() is threading.main_thread():
             raise Stopped(signum)
 

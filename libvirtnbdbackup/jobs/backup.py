@@ -189,7 +189,8 @@ class BackupJob:
         try:
             # Not cut short by a signal: a job started must be known to be
             # stopped, a paused domain resumed.
-            with self.cancel.deferred():
+            with self.cancel.scope():
+                self.cancel.defer()
                 if self.opts.pause:
                     log.info("pausing domain %s while the backup job starts", domain.name)
                     domain.suspend()
@@ -224,6 +225,7 @@ class BackupJob:
             self._start_new_chain(f"QEMU refused the bitmaps of checkpoint {step.since} ({err})")
             return self._run(domain, "full")
         try:
+            self.cancel.check()  # a signal while the job started
             results = self._backup_disks(disks, step, partial(self._job_export, server, step))
             self._save_metadata(domain, domain_xml, disks, step)
         except BaseException:
