@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Protocol
+from typing import BinaryIO, Protocol
+
+from ..targets.private import (
+    PRIVATE_DIR,
+    READABLE_FILE,
+    make_private_dir,
+    open_private,
+    restrict,
+)
 
 
 class Host(Protocol):
@@ -33,7 +41,13 @@ class Host(Protocol):
         """Remove a file; a missing file is no error."""
         ...
 
-    def makedirs(self, path: str) -> None: ...
+    def makedirs(self, path: str, mode: int = PRIVATE_DIR) -> None:
+        """Create a folder (an existing one keeps its mode)."""
+        ...
+
+    def restrict(self, path: str) -> None:
+        """Take group and other access from a file (one qemu-img created)."""
+        ...
 
     def commit(self, partial: str, final: str) -> None:
         """Flush ``partial`` to disk and rename it to ``final``."""
@@ -43,12 +57,15 @@ class Host(Protocol):
         """Copy the file ``path`` of this host to the local file ``dest``."""
         ...
 
-    def put(self, source: str, path: str) -> None:
-        """Copy the local file ``source`` to ``path`` on this host, atomically."""
+    def put(self, source: str, path: str, *, readable: bool = False) -> None:
+        """Copy the local file ``source`` to ``path`` on this host, atomically;
+        private (0600) unless ``readable`` (0644, for a firmware loader that
+        QEMU's user reads as it is: libvirt labels NVRAM, kernel and initrd
+        for the domain, but not the loader)."""
         ...
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` on this host, atomically."""
+        """Write ``data`` to ``path`` on this host, atomically and private (0600)."""
         ...
 
 
@@ -79,8 +96,11 @@ class LocalHost:
         if os.path.lexists(path):
             os.unlink(path)
 
-    def makedirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+    def makedirs(self, path: str, mode: int = PRIVATE_DIR) -> None:
+        make_private_dir(path, mode)
+
+    def restrict(self, path: str) -> None:
+        restrict(path)
 
     def commit(self, partial: str, final: str) -> None:
         _fsync(partial)
@@ -90,16 +110,29 @@ class LocalHost:
     def fetch(self, path: str, dest: str) -> None:
         shutil.copyfile(path, dest)
 
-    def put(self, source: str, path: str) -> None:
+    def put(self, source: str, path: str, *, readable: bool = False) -> None:
         partial = f"{path}.partial"
-        shutil.copyfile(source, partial)
+        with open(source, "rb") as src, _open_private(partial) as out:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+        if readable:
+            os.chmod(partial, READABLE_FILE & ~_umask())
         self.commit(partial, path)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         partial = f"{path}.partial"
-        with open(partial, "wb") as fh:
+        with _open_private(partial) as fh:
             fh.write(data)
         self.commit(partial, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _open_private(path: str) -> BinaryIO:
+    return os.fdopen(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")
 
 
 LOCAL = LocalHost()

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import QemuToolError, SshError, VirtnbdError
+from ..targets.private import open_private
 from .command import run_tool
 from .hosts import LOCAL, Host
 from .nbdclient import NbdAddress
@@ -94,8 +95,14 @@ def create_image(
 
 
 def convert_raw(source: str, dest: str) -> None:
-    """Copy a raw image, keeping it sparse."""
-    run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "raw", source, dest], f"copy {source}")
+    """Copy a raw image into a new private file, keeping it sparse."""
+    fd = open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.ftruncate(fd, os.path.getsize(source))
+    finally:
+        os.close(fd)
+    cmd = ["qemu-img", "convert", "-q", "-n", "-f", "raw", "-O", "raw", source, dest]
+    run(cmd, f"copy {source}")
 
 
 def convert_compressed(source: str, dest: str, options: list[str], host: Host = LOCAL) -> None:

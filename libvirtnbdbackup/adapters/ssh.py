@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from ..errors import SshError
+from ..targets.private import PRIVATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,9 @@ SSH_FAILED = 255  # ssh's own exit code: the connection, not the command, failed
 CONTROL_PERSIST = 60  # seconds a shared connection outlives its last use
 
 # Run remotely as ``sh -c SCRIPT sh ARG...``: the paths are never re-parsed.
-_UPLOAD = 'cat > "$1.partial" && sync -- "$1.partial" && mv -- "$1.partial" "$1"'
+_UPLOAD = (
+    'umask "${2:-077}" && cat > "$1.partial" && sync -- "$1.partial" && mv -- "$1.partial" "$1"'
+)
 _COMMIT = 'sync -- "$1" && mv -- "$1" "$2" && sync -- "$(dirname -- "$2")"'
 
 
@@ -92,8 +95,13 @@ class SshHost:
     def remove(self, path: str) -> None:
         self._run(["rm", "-f", "--", path], f"remove {path}")
 
-    def makedirs(self, path: str) -> None:
-        self._run(["mkdir", "-p", "--", path], f"create folder {path}")
+    def makedirs(self, path: str, mode: int = PRIVATE_DIR) -> None:
+        # -m sets the mode of the last folder only, and only if it is made now.
+        script = '[ -d "$1" ] || { mkdir -p -- "$(dirname -- "$1")" && mkdir -m "$2" -- "$1"; }'
+        self._run(["sh", "-c", script, "sh", path, f"{mode:o}"], f"create folder {path}")
+
+    def restrict(self, path: str) -> None:
+        self._run(["chmod", "go=", "--", path], f"restrict access to {path}")
 
     def commit(self, partial: str, final: str) -> None:
         self._run(["sh", "-c", _COMMIT, "sh", partial, final], f"complete {final}")
@@ -102,9 +110,10 @@ class SshHost:
         with open(dest, "wb") as out:
             self._run(["cat", "--", path], f"copy {path}", stdout=out)
 
-    def put(self, source: str, path: str) -> None:
+    def put(self, source: str, path: str, *, readable: bool = False) -> None:
+        umask = "022" if readable else "077"
         with open(source, "rb") as src:
-            self._run(["sh", "-c", _UPLOAD, "sh", path], f"write {path}", stdin=src)
+            self._run(["sh", "-c", _UPLOAD, "sh", path, umask], f"write {path}", stdin=src)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         self._run(["sh", "-c", _UPLOAD, "sh", path], f"write {path}", data=data)

@@ -17,6 +17,7 @@ from ..jobs.backupoptions import BackupOptions, check_output_folder, resolve_lev
 from ..targets.base import Target
 from ..targets.directory import DirectoryTarget
 from ..targets.lock import FolderLock
+from ..targets.private import create_private, make_private_dir
 from ..targets.zipstream import ZipTarget
 from .common import (
     EXIT_ERROR,
@@ -24,9 +25,11 @@ from .common import (
     add_connection_args,
     add_remote_args,
     install_signal_handlers,
+    libvirt_password,
     remote_options,
     run_job,
     setup_logging,
+    warn_command_line_password,
 )
 
 log = logging.getLogger("virtnbdbackup")
@@ -176,7 +179,7 @@ def options_from(args: argparse.Namespace) -> BackupOptions:
         output=args.output,
         uri=args.uri,
         user=args.user,
-        password=args.password,
+        password=libvirt_password(args),
         output_type=args.type,
         raw=args.raw,
         include=split_names(args.include),
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("-p estimates inc and diff backups, not a full or copy")
             check_output_folder(opts)
         log_dir = Path(opts.meta_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(log_dir)
     except (VirtnbdError, OSError) as err:
         if lock is not None:
             lock.release()
@@ -230,7 +233,7 @@ def lock_backup_folder(opts: BackupOptions, level: str) -> FolderLock:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private_dir(folder)
     except OSError as err:
         raise UsageError(f"cannot create backup folder {folder}: {err.strerror}") from None
     return FolderLock(
@@ -249,7 +252,10 @@ def _run(
 ) -> int:
     stamp = datetime.now().strftime("%m%d%Y%H%M%S")
     log_file = None if args.killonly else str(log_dir / f"backup.{opts.level}.{stamp}.log")
+    if log_file:
+        create_private(log_file)
     counter = setup_logging(args, log_file)
+    warn_command_line_password(args)
     log.info("virtnbdbackup %s, level %s", __version__, opts.level)
     if args.level == "auto":
         log.info(

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from .. import __version__, interrupts
 from ..adapters.nbdclient import DEFAULT_PORT
-from ..errors import Interrupted, VirtnbdError
+from ..errors import Interrupted, UsageError, VirtnbdError
 from ..interrupts import Cancel, Stopped
 from ..jobs.remote import DEFAULT_TLS_DIR, RemoteOptions
 
@@ -26,6 +27,8 @@ CONSOLE_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s]: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 log = logging.getLogger("virtnbdbackup")
+
+PASSWORD_ENV = "VIRTNBDBACKUP_PASSWORD"
 
 
 class WarningCounter(logging.Handler):
@@ -62,7 +65,45 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
         help="libvirt connection URI. (default: %(default)s)",
     )
     group.add_argument("--user", default=None, help="User to authenticate to libvirt with.")
-    group.add_argument("--password", default=None, help="Password to authenticate with.")
+    group.add_argument(
+        "--password",
+        default=None,
+        help="Password to authenticate with. Every user of this host sees it in the process "
+        f"list: prefer --password-file or ${PASSWORD_ENV}.",
+    )
+    group.add_argument(
+        "--password-file",
+        default=None,
+        metavar="FILE",
+        help="Read the password to authenticate with from the first line of FILE "
+        f"(keep it mode 0600). (default: ${PASSWORD_ENV} if set)",
+    )
+
+
+def libvirt_password(args: argparse.Namespace) -> str | None:
+    """The libvirt password: --password, else --password-file, else the
+    environment variable. Only the first is visible to other users."""
+    if args.password is not None:
+        return str(args.password)
+    if args.password_file:
+        try:
+            with open(args.password_file, encoding="utf-8") as fh:
+                return fh.readline().rstrip("\r\n")
+        except OSError as err:
+            raise UsageError(
+                f"--password-file {args.password_file}: cannot read it: {err.strerror}"
+            ) from None
+    return os.environ.get(PASSWORD_ENV)
+
+
+def warn_command_line_password(args: argparse.Namespace) -> None:
+    """Once logging is set up: say so when the password came on the command line."""
+    if args.password is not None:
+        log.warning(
+            "--password on the command line can be read by every user of this host (ps, "
+            "/proc/PID/cmdline): use --password-file FILE or the %s environment variable",
+            PASSWORD_ENV,
+        )
 
 
 def add_remote_args(parser: argparse.ArgumentParser) -> None:

@@ -7,13 +7,17 @@ import logging
 import sys
 
 from .. import __version__
+from ..errors import UsageError
 from ..jobs.map import MapJob, MapOptions, stop_running
 from .common import (
+    EXIT_ERROR,
     add_common_args,
     add_connection_args,
     install_signal_handlers,
+    libvirt_password,
     run_job,
     setup_logging,
+    warn_command_line_password,
 )
 
 log = logging.getLogger("virtnbdmap")
@@ -138,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     counter = setup_logging(args, None)
+    warn_command_line_password(args)
+    try:
+        password = libvirt_password(args)
+    except UsageError as err:
+        log.error("%s", err)
+        return EXIT_ERROR
 
     if args.stop:
 
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         name=args.name,
         uri=args.uri,
         user=args.user,
-        password=args.password,
+        password=password,
     )
     return run_job(lambda: MapJob(opts, cancel).run(), counter, args.strict)
 

@@ -7,15 +7,19 @@ import logging
 import sys
 
 from .. import __version__
+from ..errors import UsageError
 from ..jobs.restore import RestoreJob, RestoreOptions, dump_json, verify
 from .common import (
+    EXIT_ERROR,
     add_common_args,
     add_connection_args,
     add_remote_args,
     install_signal_handlers,
+    libvirt_password,
     remote_options,
     run_job,
     setup_logging,
+    warn_command_line_password,
 )
 
 log = logging.getLogger("virtnbdrestore")
@@ -111,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.compress and args.preallocate:
         parser.error("--compress and -A/--preallocate exclude each other")
     counter = setup_logging(args, None)
+    warn_command_line_password(args)
+    try:
+        password = libvirt_password(args)
+    except UsageError as err:
+        log.error("%s", err)
+        return EXIT_ERROR
     cancel = install_signal_handlers("virtnbdrestore")
 
     if args.output == "dump":
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         compress=args.compress,
         uri=args.uri,
         user=args.user,
-        password=args.password,
+        password=password,
         sequence=[n.strip() for n in args.sequence.split(",") if n.strip()]
         if args.sequence
         else None,

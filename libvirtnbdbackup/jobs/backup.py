@@ -34,6 +34,7 @@ from ..interrupts import Cancel
 from ..targets.base import Target
 from ..targets.directory import write_atomic
 from ..targets.lock import LOCK_NAME
+from ..targets.private import make_private_dir
 from .backupoptions import BackupOptions
 from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
@@ -279,7 +280,7 @@ class BackupJob:
         else:
             folder = Path(self.opts.output)
             archive = folder / f"chain.{time.strftime('%Y%m%d%H%M%S')}"
-            archive.mkdir()
+            make_private_dir(archive)
             current_log = {
                 Path(h.baseFilename).name
                 for h in logging.getLogger().handlers
@@ -492,7 +493,7 @@ class BackupJob:
 
     def _save_checkpoint(self, domain: Domain, checkpoint: str) -> None:
         """Keep the checkpoint's XML (to redefine it) and append it to the chain."""
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.checkpoint_dir)
         xml = domain.checkpoint_xml(checkpoint).encode()
         write_atomic(self.checkpoint_dir / f"{checkpoint}.xml", xml)
         chain = [] if checkpoint == checkpoint_name(0) else read_chain(self.opts.cpt_file)

@@ -26,11 +26,13 @@ from pathlib import Path
 from ..adapters import qemu
 from ..adapters.blockdev import FuseLoopDevice, KernelNbdDevice, kernel_has_nbd, partitions
 from ..adapters.domainxml import adjust_config
+from ..adapters.hosts import LOCAL
 from ..adapters.nbdkit import Endpoint, NbdkitServer
 from ..adapters.virt import Domain, Hypervisor
 from ..errors import DomainError, NbdError, TargetError, UsageError, VirtnbdError
 from ..format.index import open_index
 from ..interrupts import Cancel
+from ..targets.private import TRAVERSE_DIR, make_private_dir, restrict
 from .backupset import (
     DataFile,
     chains,
@@ -239,8 +241,8 @@ class MapJob:
         output = Path(
             self.opts.output or tempfile.mkdtemp(prefix=f"virtnbdmap.{original}.", dir=WORK_PARENT)
         )
-        output.mkdir(parents=True, exist_ok=True)
-        os.chmod(output, 0o755)
+        if not make_private_dir(output, TRAVERSE_DIR):
+            os.chmod(output, os.stat(output).st_mode | 0o111)  # QEMU reaches the overlays
         images = {}
         for mapped in disks:
             overlay = output / f"{mapped.disk}.overlay.qcow2"
@@ -251,12 +253,14 @@ class MapJob:
             else:
                 backing = str(mapped.files[0].path.resolve())
             qemu.create_image(str(overlay), None, "qcow2", backing=backing, backing_fmt="raw")
+            restrict(overlay)  # libvirt gives it to QEMU's user as the domain starts
             images[mapped.disk] = (str(overlay), "qcow2")
         boot = {}
+        loader = (ET.fromstring(text).findtext("./os/loader") or "").strip()
         for path, saved in saved_boot_files(config).items():
             copy = output / os.path.basename(path)
             if not copy.exists():
-                shutil.copyfile(saved, copy)
+                LOCAL.put(str(saved), str(copy), readable=path == loader)
             boot[path] = str(copy)
         xml = adjust_config(text, name=name, images=images, boot=boot)
         hypervisor = Hypervisor(self.opts.uri, self.opts.user, self.opts.password)

@@ -30,6 +30,7 @@ from ..format.reader import file_adler32, lz4_content_size
 from ..interrupts import Cancel
 from ..targets.directory import PARTIAL_SUFFIX
 from ..targets.lock import FolderLock
+from ..targets.private import TRAVERSE_DIR
 from ..targets.writeback import WriteBehind
 from .backupset import (
     DataFile,
@@ -133,7 +134,8 @@ class RestoreJob:
         if self.remote.is_remote:
             self.host = self.remote.host()
             log.info("restoring to %s on %s", self.output, self.host.name)
-        self.host.makedirs(self.output)
+        # QEMU's user must reach the images once libvirt gives them to it (-D).
+        self.host.makedirs(self.output, TRAVERSE_DIR)
         if self.host.is_remote:
             # flock cannot reach a folder on another host; restores there are
             # kept apart by their distinct NBD ports only.
@@ -175,10 +177,11 @@ class RestoreJob:
         """Copy the domain XML (adjusted with -c) and the boot files saved with it."""
         text = config.read_text()
         boot = {}
+        loader = ET.fromstring(text).findtext("./os/loader")
         for path, saved in saved_boot_files(config).items():
             dest = os.path.join(self.output, os.path.basename(path))
             if not self.host.exists(dest):
-                self.host.put(str(saved), dest)
+                self.host.put(str(saved), dest, readable=path == (loader or "").strip())
             boot[path] = dest
             log.info("restored boot file %s", dest)
         target = os.path.join(self.output, config.name)
@@ -218,6 +221,7 @@ class RestoreJob:
             if self.host.is_remote:
                 size = source.path.stat().st_size
                 qemu.create_image(partial, size, "raw", host=self.host)
+                self.host.restrict(partial)
                 with self._serve(partial, "raw") as address:
                     qemu.convert_raw_to_nbd(str(source.path), address)
             else:
@@ -285,6 +289,7 @@ class RestoreJob:
         log.info("disk %s: writing %d bytes of data", disk, total)
         try:
             qemu.create_image(replay_into, base.meta.virtual_size, "qcow2", options, self.host)
+            self.host.restrict(replay_into)  # before any data is written into it
             with (
                 self._serve(replay_into, "qcow2", workers) as address,
                 self._write_behind(replay_into) as behind,
@@ -314,6 +319,7 @@ class RestoreJob:
             if self.opts.compress:
                 log.info("disk %s: compressing the restored image", disk)
                 qemu.convert_compressed(work, partial, options, self.host)
+                self.host.restrict(partial)
             self.host.commit(partial, image)
         except BaseException:
             with self.cancel.scope():

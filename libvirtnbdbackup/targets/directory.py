@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import TargetError
+from .private import make_private_dir
 from .writeback import open_write_behind
 
 PARTIAL_SUFFIX = ".partial"
@@ -70,7 +71,7 @@ class DirectoryTarget:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.path)
         except OSError as err:
             raise TargetError(f"cannot create backup folder {self.path}: {err.strerror}") from None
 

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import FolderLocked, TargetError
+from .private import open_private
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class FolderLock:
 
     def _open(self) -> int:
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            return open_private(self.path, os.O_RDWR | os.O_CREAT)
         except FileNotFoundError:
             raise TargetError(f"cannot lock {self.folder}: no such folder") from None
         except OSError as err:

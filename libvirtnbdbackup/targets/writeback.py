@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from .private import PRIVATE_FILE
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
@@ -91,7 +93,7 @@ class WriteBehindFile(io.FileIO):
     """A raw file that starts writing back what it was given every ``every`` bytes."""
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "wb", every: int = WRITE_BEHIND):
-        super().__init__(path, mode)
+        super().__init__(path, mode, opener=lambda name, flags: os.open(name, flags, PRIVATE_FILE))
         self._behind = WriteBehind(self.fileno(), every)
 
     def write(self, data: ReadableBuffer, /) -> int:
@@ -101,5 +103,5 @@ class WriteBehindFile(io.FileIO):
 
 
 def open_write_behind(path: str | os.PathLike[str]) -> io.BufferedWriter:
-    """``open(path, "wb")``, with write-behind."""
+    """``open(path, "wb")``, with write-behind; a new file is private (0600)."""
     return io.BufferedWriter(WriteBehindFile(path, "wb"))
