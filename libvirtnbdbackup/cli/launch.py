@@ -18,6 +18,7 @@ COMMANDS = {
     "virtnbdbackup": "libvirtnbdbackup.cli.backup",
     "virtnbdrestore": "libvirtnbdbackup.cli.restore",
     "virtnbdmap": "libvirtnbdbackup.cli.map",
+    "virtnbdprune": "libvirtnbdbackup.cli.prune",
 }
 
 
@@ -40,6 +41,10 @@ def virtnbdrestore() -> int:
 
 def virtnbdmap() -> int:
     return _launch("virtnbdmap")
+
+
+def virtnbdprune() -> int:
+    return _launch("virtnbdprune")
 
 
 if __name__ == "__main__":

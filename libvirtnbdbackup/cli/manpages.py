@@ -163,6 +163,30 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
         "by the backup, and rebuilds it from the frame headers when it is missing or "
         "stale.",
     ),
+    "virtnbdprune": (
+        "virtnbdprune thins out the backup sets of virtnbdbackup by keep rules, as restic "
+        "and Proxmox do: a backup (a point: one full, inc or diff run) is kept when any "
+        "rule keeps it, or when it is protected. Each rule counts on its own; times are "
+        "those recorded in the backups' metadata. It works on one backup folder or on a "
+        "folder of them (one per month, say), counting the points of all together.",
+        "A point that is not kept but that a kept one depends on is merged forward: the "
+        "full backup and the incrementals up to the oldest kept link of the chain become "
+        "one new full backup at that link's checkpoint, an ordinary full data file that "
+        "virtnbdrestore, virtnbdmap and virtnbdbackup 2.x read. The next virtnbdbackup -l "
+        "inc or -l auto continues the chain. Differential backups that no rule keeps, and "
+        "folders of which no point is kept, are removed. The newest link of a chain is "
+        "always kept while anything of its folder is: the next incremental backup builds "
+        "on it. Libvirt checkpoints of merged backups are deleted, oldest first, so that "
+        "QEMU stops tracking their bitmaps; the bitmap of the newest checkpoint is not "
+        "touched.",
+        "A merge reads each file of the chain once and checks it against its checksum "
+        "file; compressed extents that survive whole are copied as stored. The new file "
+        "is written into INPUT/.virtnbdprune/, synced and compared with the chain it "
+        "replaces (its extent map and a sample of its bytes; every byte with --verify) "
+        "before anything else changes; then a journal commits the merge and the replaced "
+        "files are removed. A run that is killed is finished, or its unfinished merge "
+        "removed, by the next run. Nothing runs while a backup writes into the folder.",
+    ),
 }
 
 FILES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -187,6 +211,12 @@ FILES: dict[str, tuple[tuple[str, str], ...]] = {
         ("OUTPUT/vmconfig.IDENT.xml", "The domain XML of the backup, adjusted with -c."),
         ("OUTPUT/BOOTFILE", "Restored loader, nvram, kernel and initrd files."),
         ("INPUT/*.data.partial", "Unfinished data files of a failed backup; ignored."),
+    ),
+    "virtnbdprune": (
+        ("INPUT/POINT.protect", "Marks backup POINT as protected: always kept (--protect)."),
+        ("INPUT/virtnbdprune.json", "Checkpoints of the chain merged into its full backup."),
+        ("INPUT/.virtnbdprune/", "Work folder of a merge; its journal.json commits it."),
+        ("INPUT/.virtnbdbackup.lock", "Held while a prune or a backup works on the folder."),
     ),
     "virtnbdmap": (
         ("INPUT/*.data.idx", "Extent index of each data file; rebuilt when missing or stale."),

@@ -137,16 +137,24 @@ class PieceCache:
 class ChainImage:
     """Read-only view of the disk that a chain of data files restores to."""
 
-    def __init__(self, paths: list[str], cache_bytes: int = DEFAULT_CACHE) -> None:
+    def __init__(
+        self,
+        paths: list[str],
+        cache_bytes: int = DEFAULT_CACHE,
+        indexes: list[FileIndex] | None = None,
+    ) -> None:
+        """``indexes``: the files' indexes when the caller has them already
+        (a file being checked before it gets its final name and side file)."""
         if not paths:
             raise StreamError("no data files to serve")
         self.paths = paths
         self._fds: list[int] = []
+        given = indexes
         try:
             indexes = []
-            for path in paths:
+            for i, path in enumerate(paths):
                 with open(path, "rb") as fh:
-                    indexes.append(open_index(path, fh))
+                    indexes.append(given[i] if given else open_index(path, fh))
                     self._fds.append(os.dup(fh.fileno()))
         except OSError as err:
             self.close()

@@ -140,6 +140,8 @@ class StreamWriter:
         self._max_piece = max_piece
         # Per data frame: its length and its pieces' compressed sizes.
         self._pieces: list[tuple[int, list[int]]] = []
+        # Unpacked piece sizes of copied frames, which another writer cut.
+        self._unpacked: dict[int, list[int]] = {}
         self._next_offset = 0
         self._data_size = 0
         # Extent frames in file order, for the index: (kind, start, length).
@@ -182,6 +184,32 @@ class StreamWriter:
         self._pieces.append((length, sizes))
         self._end_data(offset, length, length)
 
+    def copied(
+        self,
+        offset: int,
+        length: int,
+        pieces: tuple[tuple[int, int], ...],
+        stored: Iterable[Buffer],
+    ) -> None:
+        """One compressed data frame copied as another file stores it:
+        ``pieces`` are its LZ4 frames' (packed, unpacked) sizes, ``stored``
+        their bytes as they are."""
+        if self._level is None:
+            raise ValueError("copied compressed frame in an uncompressed stream")
+        if sum(u for _p, u in pieces) != length:
+            raise ValueError(f"extent at offset {offset}: pieces do not add up to {length}")
+        self._start_data(offset, length)
+        got = 0
+        for chunk in stored:
+            got += len(chunk)
+            self._out.write(chunk)
+        if got != sum(p for p, _u in pieces):
+            raise StreamError(f"extent at offset {offset}: copied {got} stored bytes")
+        sizes = [p for p, _u in pieces]
+        self._pieces.append((length, sizes))
+        self._unpacked[len(self._pieces) - 1] = [u for _p, u in pieces]
+        self._end_data(offset, length, length)
+
     def _start_data(self, offset: int, length: int) -> None:
         self._check_order(offset, length)
         self._frames.append((Kind.DATA, offset, length))
@@ -216,7 +244,7 @@ class StreamWriter:
         """The extent index of the file written; call after ``finish()``."""
         extents = []
         position = self._meta_bytes
-        frame_pieces = iter(self._pieces)
+        frame_pieces = iter(enumerate(self._pieces))
         for kind, start, length in self._frames:
             position += HEADER_SIZE
             if kind is Kind.ZERO:
@@ -226,8 +254,8 @@ class StreamWriter:
                 extents.append(Extent(start, length, position))
                 position += length
             else:
-                _length, sizes = next(frame_pieces)
-                unpacked = piece_lengths(length, self._max_piece)
+                number, (_length, sizes) = next(frame_pieces)
+                unpacked = self._unpacked.get(number) or piece_lengths(length, self._max_piece)
                 packed = tuple(zip(sizes, unpacked, strict=True))
                 extents.append(Extent(start, length, position, packed))
                 position += sum(sizes)
@@ -280,7 +308,7 @@ class StreamWriter:
     def _trailer(self) -> list[TrailerEntry]:
         entries: list[TrailerEntry] = []
         for length, sizes in self._pieces:
-            if length < self._max_piece:
+            if length < self._max_piece and len(sizes) == 1:
                 entries.append(sizes[0])
             else:
                 entries.append({str(sum(sizes)): sizes})

@@ -36,7 +36,7 @@ from ..targets.directory import write_atomic
 from ..targets.lock import LOCK_NAME
 from ..targets.private import make_private_dir
 from .backupoptions import BackupOptions
-from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain
+from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain, read_merged
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
 from .remote import Remote
 
@@ -258,8 +258,9 @@ class BackupJob:
         saved XML, validated against the bitmaps in the images.
         """
         known = set(domain.checkpoint_names())
+        merged = set(read_merged(self.opts.meta_dir))
         for name in chain:
-            if name in known:
+            if name in known or name in merged:
                 continue
             saved = self.checkpoint_dir / f"{name}.xml"
             if not saved.is_file():

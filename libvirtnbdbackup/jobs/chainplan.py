@@ -32,6 +32,26 @@ class BackupStep:
         return self.since is not None
 
 
+# Checkpoints of the chain that virtnbdprune merged into a synthetic full:
+# still in <domain>.cpt (the next checkpoint's number is the list's length,
+# in 2.47 as here), but gone from libvirt and from checkpoints/.
+MERGED_FILE = "virtnbdprune.json"
+
+
+def read_merged(folder: Path) -> list[str]:
+    """The merged checkpoints recorded in ``folder`` (none if no prune merged)."""
+    try:
+        doc = json.loads((folder / MERGED_FILE).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{folder / MERGED_FILE} is damaged ({err})") from None
+    merged = doc.get("merged") if isinstance(doc, dict) else None
+    if not isinstance(merged, list) or not all(isinstance(n, str) for n in merged):
+        raise UsageError(f"{folder / MERGED_FILE} does not list checkpoint names")
+    return merged
+
+
 def checkpoint_name(number: int) -> str:
     return f"{CHECKPOINT_PREFIX}.{number}"
 

@@ -1,0 +1,364 @@
+"""Prune backup folders by keep rules: merge forward, remove, never lose a kept point.
+
+A merge writes each disk's synthetic full into the folder's work folder
+``.virtnbdprune/`` (fsync, then checked against the chain it replaces),
+then writes the journal ``.virtnbdprune/journal.json``: from that moment
+the merge is committed and only rolled forward. Rolling forward moves the
+files it replaces into ``.virtnbdprune/old/``, moves the new files into
+the folder, updates the checkpoint XML and the list of merged
+checkpoints, deletes the merged checkpoints in libvirt and last removes
+the work folder. Every step can be repeated, so a run killed at any point
+is finished by the next one; a work folder without a journal is an
+unfinished merge, which the next run removes, leaving the old chain as it
+was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..adapters.domainxml import boot_files
+from ..adapters.virt import Hypervisor, own_checkpoints
+from ..errors import DomainError, StreamError, TargetError
+from ..format.index import index_path
+from ..format.merge import merge_chain, verify_merged
+from ..targets.directory import PartialFile, fsync_dir, write_atomic
+from ..targets.lock import FolderLock
+from .backupset import DataFile
+from .chainplan import MERGED_FILE, read_merged
+from .keeprules import KeepRules
+from .pruneplan import (
+    PROTECT_SUFFIX,
+    WORK_DIR,
+    FolderPlan,
+    Point,
+    PrunePlan,
+    backup_folders,
+    plan_prune,
+)
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "journal.json"
+OLD_DIR = "old"
+CHECKPOINT_DIR = "checkpoints"
+
+Step = Callable[[str], None]
+
+
+@dataclass
+class PruneResult:
+    plan: PrunePlan
+    merged_bytes: int = 0  # bytes written into synthetic fulls
+    removed_files: int = 0
+
+
+def _no_step(_name: str) -> None:
+    pass
+
+
+def prune(
+    root: str | Path,
+    rules: KeepRules,
+    *,
+    dry_run: bool = False,
+    verify: bool = False,
+    uri: str = "qemu:///system",
+    on_step: Step = _no_step,
+) -> PruneResult:
+    """Plan (and unless ``dry_run`` carry out) the prune of ``root``.
+
+    ``root`` is one backup folder or a folder of them. ``verify`` compares
+    every byte of a merged file instead of a sample. ``on_step`` is called
+    with the name of each step as it is done (for tests that stop a run
+    there).
+    """
+    root = Path(root)
+    if dry_run:
+        return PruneResult(plan_prune(root, rules))
+    with _locked(backup_folders(root)):
+        for folder in backup_folders(root):
+            recover(folder, uri, on_step)
+        plan = plan_prune(root, rules)
+        result = PruneResult(plan)
+        for fplan in plan.folders:
+            _apply(fplan, result, verify=verify, uri=uri, on_step=on_step)
+    return result
+
+
+@contextlib.contextmanager
+def _locked(folders: list[Path]) -> Iterator[None]:
+    """Every folder of the prune, locked against backups writing into it."""
+    with contextlib.ExitStack() as stack:
+        for folder in folders:
+            stack.enter_context(FolderLock(folder, "virtnbdprune"))
+        yield
+
+
+def _apply(
+    fplan: FolderPlan, result: PruneResult, *, verify: bool, uri: str, on_step: Step
+) -> None:
+    if not fplan.changes:
+        return
+    if fplan.remove_all:
+        _remove_folder_set(fplan, result, uri)
+        return
+    if fplan.new_base is not None:
+        result.merged_bytes += _merge(fplan, verify=verify, uri=uri, on_step=on_step)
+        return
+    for point in sorted(fplan.removed, key=lambda p: p.time, reverse=True):
+        result.removed_files += _delete(fplan.folder, point_files(fplan.folder, point))
+        log.info("%s: removed %s %s", fplan.folder, point.level, point.ident)
+
+
+def point_files(folder: Path, point: Point, *, side: bool = True) -> list[str]:
+    """Names (relative to ``folder``) of the files of a point that exist."""
+    names: list[str] = []
+    for f in point.files:
+        names += [f.name, f"{f.name}.chksum", os.path.basename(index_path(f.name))]
+    if side:
+        config = folder / f"vmconfig.{point.ident}.xml"
+        names.append(config.name)
+        names += [p.name for p in folder.glob(f"*.{point.ident}.qcow.json")]
+        if config.is_file():
+            with contextlib.suppress(OSError, ET.ParseError):
+                names += [
+                    f"{os.path.basename(b)}.{point.ident}" for b in boot_files(config.read_text())
+                ]
+        names.append(f"{point.ident}{PROTECT_SUFFIX}")
+    return [n for n in dict.fromkeys(names) if (folder / n).exists()]
+
+
+def _delete(folder: Path, names: list[str]) -> int:
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    fsync_dir(folder)
+    return len(names)
+
+
+def _checkpoint_names(points: list[Point], keep: set[str]) -> list[str]:
+    """Checkpoints libvirt created for these points (not diffs), minus ``keep``."""
+    names = [p.checkpoint for p in points if p.level in ("full", "inc") and p.checkpoint]
+    return [n for n in dict.fromkeys(names) if n not in keep]
+
+
+def _creation_time(xml: str) -> str | None:
+    try:
+        node = ET.fromstring(xml).find("creationTime")
+    except ET.ParseError:
+        return None
+    return node.text if node is not None else None
+
+
+def _saved_times(folder: Path, names: list[str]) -> dict[str, str]:
+    times = {}
+    for name in names:
+        saved = folder / CHECKPOINT_DIR / f"{name}.xml"
+        with contextlib.suppress(OSError):
+            when = _creation_time(saved.read_text())
+            if when:
+                times[name] = when
+    return times
+
+
+def _merge(fplan: FolderPlan, *, verify: bool, uri: str, on_step: Step) -> int:
+    folder = fplan.folder
+    base = fplan.new_base
+    assert base is not None
+    merged = fplan.merged
+    chain = [*merged, base]
+    work = folder / WORK_DIR
+    work.mkdir()
+    fsync_dir(folder)
+    written = 0
+    install: list[str] = []
+    for f in base.files:
+        if f.meta is None:
+            continue  # a raw image saved with the full stays as it is
+        disk = f.disk
+        paths = [str(_file_of(p, disk).path) for p in chain]
+        name = f"{disk}.full.data"
+        sink = PartialFile(work / name)
+        try:
+            result = merge_chain(paths, sink.file, name)
+        except BaseException:
+            sink.abort()
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        sink.commit()
+        mtime = os.stat(f.path).st_mtime
+        os.utime(work / name, (mtime, mtime))
+        write_atomic(work / f"{name}.chksum", str(result.adler32).encode())
+        write_atomic(work / index_path(name), result.index.to_bytes())
+        on_step(f"written {name}")
+        try:
+            compared = verify_merged(paths, str(work / name), result.segments, full=verify)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        log.info(
+            "%s: disk %s: merged %d files into a full at %s (%d bytes, %d copied as stored, "
+            "%d bytes compared)",
+            folder,
+            disk,
+            len(paths),
+            base.ident,
+            result.index.file_size,
+            result.copied_whole,
+            compared,
+        )
+        written += result.index.file_size
+        install += [name, f"{name}.chksum", index_path(name)]
+        on_step(f"verified {name}")
+    retire: list[str] = []
+    for point in merged:
+        retire += point_files(folder, point)
+    retire += point_files(folder, base, side=False)
+    for point in fplan.removed:
+        retire += point_files(folder, point)
+    dropped = _checkpoint_names(merged, {base.checkpoint})
+    retire += [
+        f"{CHECKPOINT_DIR}/{n}.xml"
+        for n in dropped
+        if (folder / CHECKPOINT_DIR / f"{n}.xml").exists()
+    ]
+    journal = {
+        "install": install,
+        "retire": list(dict.fromkeys(retire)),
+        "merged": dropped,
+        "base": base.checkpoint,
+        "domain": fplan.domain,
+        "creationTimes": _saved_times(folder, dropped),
+    }
+    write_atomic(work / JOURNAL, json.dumps(journal, indent=2).encode())
+    fsync_dir(work)
+    on_step("journal")
+    _roll_forward(folder, journal, uri, on_step)
+    return written
+
+
+def _file_of(point: Point, disk: str) -> DataFile:
+    for f in point.files:
+        if f.disk == disk:
+            return f
+    raise StreamError(f"{point.folder}: backup {point.ident} has no data file of disk {disk}")
+
+
+def recover(folder: Path, uri: str, on_step: Step = _no_step) -> None:
+    """Finish a committed merge that a run left, or remove an uncommitted one."""
+    work = folder / WORK_DIR
+    if not work.is_dir():
+        return
+    try:
+        journal = json.loads((work / JOURNAL).read_text())
+    except FileNotFoundError:
+        log.warning(
+            "%s: removing an unfinished merge of an interrupted prune (nothing changed)", folder
+        )
+        shutil.rmtree(work)
+        fsync_dir(folder)
+        return
+    except (OSError, ValueError) as err:
+        raise TargetError(
+            f"{work / JOURNAL} cannot be read ({err}): an interrupted prune cannot be finished; "
+            f"the replaced files are in {work / OLD_DIR}"
+        ) from None
+    log.warning("%s: finishing the merge of an interrupted prune", folder)
+    _roll_forward(folder, journal, uri, on_step)
+
+
+def _roll_forward(folder: Path, journal: dict, uri: str, on_step: Step) -> None:
+    work = folder / WORK_DIR
+    old = work / OLD_DIR
+    (old / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    for name in journal["retire"]:
+        # A name already in old/ was retired by the run that was stopped: the
+        # file of that name in the folder now is the new one (vda.full.data).
+        if (folder / name).exists() and not (old / name).exists():
+            os.rename(folder / name, old / name)
+            on_step(f"retired {name}")
+    fsync_dir(folder)
+    for name in journal["install"]:
+        if (work / name).exists():
+            os.rename(work / name, folder / name)
+            on_step(f"installed {name}")
+    fsync_dir(folder)
+    _orphan_checkpoint(folder / CHECKPOINT_DIR / f"{journal['base']}.xml")
+    merged = sorted(set(read_merged(folder)) | set(journal["merged"]))
+    write_atomic(folder / MERGED_FILE, json.dumps({"merged": merged}, indent=2).encode())
+    on_step("metadata")
+    if journal["domain"] and journal["merged"]:
+        _drop_checkpoints(journal["domain"], uri, journal["merged"], journal["creationTimes"])
+    on_step("checkpoints")
+    shutil.rmtree(work)
+    fsync_dir(folder)
+    on_step("done")
+
+
+def _orphan_checkpoint(path: Path) -> None:
+    """The new full's checkpoint has no parent any more: drop it from its saved XML."""
+    try:
+        root = ET.fromstring(path.read_text())
+    except (OSError, ET.ParseError):
+        return
+    parent = root.find("parent")
+    if parent is None:
+        return
+    root.remove(parent)
+    write_atomic(path, ET.tostring(root, encoding="unicode").encode())
+
+
+def _drop_checkpoints(domain_name: str, uri: str, names: list[str], times: dict[str, str]) -> None:
+    """Delete merged checkpoints in libvirt, oldest first (each the root, so
+    no bitmap is merged into another), only those this chain created."""
+    try:
+        hypervisor = Hypervisor(uri)
+    except DomainError as err:
+        log.warning("libvirt checkpoints of merged backups not removed: %s", err)
+        return
+    try:
+        domain = hypervisor.domain(domain_name)
+        known = set(domain.checkpoint_names())
+        for name in reversed(own_checkpoints(names)):
+            if name not in known:
+                continue
+            if (
+                times.get(name) is None
+                or _creation_time(domain.checkpoint_xml(name)) != times[name]
+            ):
+                log.info(
+                    "checkpoint %s of %s is not this chain's: left as it is", name, domain_name
+                )
+                continue
+            domain.delete_checkpoint(name)
+            log.info("removed checkpoint %s of domain %s (merged)", name, domain_name)
+    except DomainError as err:
+        log.warning("libvirt checkpoints of merged backups not all removed: %s", err)
+    finally:
+        hypervisor.close()
+
+
+def _remove_folder_set(fplan: FolderPlan, result: PruneResult, uri: str) -> None:
+    """No point of the folder is kept: remove its backup set, newest first."""
+    folder = fplan.folder
+    names = _checkpoint_names(fplan.links, set())
+    times = _saved_times(folder, names)
+    points = sorted(fplan.links + fplan.diffs, key=lambda p: p.time, reverse=True)
+    for point in points:
+        result.removed_files += _delete(folder, point_files(folder, point))
+    extra = [f"{CHECKPOINT_DIR}/{n}.xml" for n in names]
+    extra += [p.name for p in folder.glob("*.cpt")] + [MERGED_FILE]
+    result.removed_files += _delete(folder, [n for n in extra if (folder / n).exists()])
+    with contextlib.suppress(OSError):
+        (folder / CHECKPOINT_DIR).rmdir()
+    if fplan.domain and names:
+        _drop_checkpoints(fplan.domain, uri, names, times)
+    log.info("%s: removed the whole backup set (no point of it is kept)", folder)

@@ -1,0 +1,144 @@
+"""Merging a chain into one full stream, checked against a restore model.
+
+Chains are built with the writer (full, incrementals with data and zero
+frames, plain and lz4, pieces smaller than extents); the merged file is
+read back with the reader and through its index, and must equal the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from libvirtnbdbackup.errors import StreamError
+from libvirtnbdbackup.format.chainimage import ChainImage
+from libvirtnbdbackup.format.checksum import adler32
+from libvirtnbdbackup.format.frames import Kind
+from libvirtnbdbackup.format.index import build_index
+from libvirtnbdbackup.format.merge import merge_chain, verify_merged
+from libvirtnbdbackup.format.reader import StreamReader
+
+from .test_chainimage import SIZE, Frame, apply, layouts, write_file
+
+
+def write_chain(folder: Path, layers: list[list[Frame]], compressed: list[bool]) -> list[str]:
+    paths = []
+    for n, frames in enumerate(layers):
+        path = folder / f"{n}.data"
+        write_file(path, frames, incremental=n > 0, compressed=2 if compressed[n] else False)
+        path.with_name(path.name + ".chksum").write_text(str(adler32(path.read_bytes())))
+        paths.append(str(path))
+    return paths
+
+
+def merge_to(paths: list[str], out: Path) -> None:
+    with open(out, "wb") as fh:
+        result = merge_chain(paths, fh, out.name)
+    assert result.adler32 == adler32(out.read_bytes())
+    with open(out, "rb") as fh:
+        assert build_index(fh, str(out)) == result.index
+    verify_merged(paths, str(out), result.segments, full=True)
+
+
+def stream_bytes(path: Path) -> tuple[bytes, list[Kind]]:
+    """The disk a restore of this one full file writes, and its frame kinds."""
+    disk = bytearray(SIZE)
+    kinds = []
+    with open(path, "rb") as fh:
+        reader = StreamReader(fh, str(path))
+        assert not reader.meta.incremental and reader.meta.parent_checkpoint == ""
+        covered = 0
+        for frame in reader.frames():
+            assert frame.start == covered, "frames must tile the disk"
+            covered += frame.length
+            kinds.append(frame.kind)
+            if frame.kind is Kind.DATA:
+                disk[frame.start : frame.start + frame.length] = b"".join(reader.payload(frame))
+        assert covered == SIZE
+    return bytes(disk), kinds
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    base=layouts(full=True),
+    incs=st.lists(layouts(full=False), min_size=1, max_size=4),
+    compressed=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_merged_full_restores_like_the_chain(
+    tmp_path_factory: pytest.TempPathFactory,
+    base: list[Frame],
+    incs: list[list[Frame]],
+    compressed: list[bool],
+) -> None:
+    folder = tmp_path_factory.mktemp("merge")
+    model = bytearray(SIZE)
+    for frames in [base, *incs]:
+        apply(model, frames)
+    paths = write_chain(folder, [base, *incs], compressed)
+    out = folder / "merged.data"
+    merge_to(paths, out)
+    disk, kinds = stream_bytes(out)
+    assert disk == bytes(model)
+    with open(out, "rb") as fh:
+        meta = StreamReader(fh, str(out)).meta
+    assert meta.checkpoint_name == "virtnbdbackup.1"
+    assert meta.compressed == (2 if compressed[0] else False)
+    image = ChainImage([str(out)])
+    try:
+        assert image.read(0, SIZE) == bytes(model)
+    finally:
+        image.close()
+    assert kinds  # the file is not empty
+
+
+def test_whole_compressed_extents_are_copied_as_stored(tmp_path: Path) -> None:
+    base: list[Frame] = [(0, 20, 7), (20, 24, None), (44, 20, 9)]
+    inc: list[Frame] = [(50, 4, 3)]  # cuts the second extent, leaves the first whole
+    paths = write_chain(tmp_path, [base, inc], [True, True])
+    out = tmp_path / "merged.data"
+    with open(out, "wb") as fh:
+        result = merge_chain(paths, fh, out.name)
+    assert result.copied_whole == (20 + 4) * 4096  # the first extent and the inc's
+    src = Path(paths[0]).read_bytes()
+    with open(paths[0], "rb") as fh:
+        first = build_index(fh, paths[0]).extents[0]
+    stored = src[first.offset : first.offset + sum(p for p, _u in first.pieces)]
+    assert stored in out.read_bytes()
+    verify_merged(paths, str(out), result.segments, full=True)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "lz4"])
+def test_a_damaged_source_stops_the_merge(tmp_path: Path, compressed: bool) -> None:
+    base: list[Frame] = [(0, 30, 7), (30, 34, None)]
+    inc: list[Frame] = [(10, 4, 3)]
+    paths = write_chain(tmp_path, [base, inc], [compressed, compressed])
+    raw = bytearray(Path(paths[0]).read_bytes())
+    raw[len(raw) // 3] ^= 0x01  # inside the data the merge keeps
+    Path(paths[0]).write_bytes(raw)
+    out = tmp_path / "merged.data"
+    with open(out, "wb") as fh, pytest.raises(StreamError, match="damaged"):
+        merge_chain(paths, fh, out.name)
+
+
+def test_a_missing_checksum_file_stops_the_merge(tmp_path: Path) -> None:
+    paths = write_chain(tmp_path, [[(0, 64, 1)], [(3, 1, 2)]], [False, False])
+    Path(paths[1] + ".chksum").unlink()
+    with open(tmp_path / "m.data", "wb") as fh, pytest.raises(StreamError, match="checksum file"):
+        merge_chain(paths, fh, "m.data")
+
+
+def test_verify_finds_a_merged_file_that_differs(tmp_path: Path) -> None:
+    paths = write_chain(tmp_path, [[(0, 64, 1)], [(3, 1, 2)]], [False, False])
+    out = tmp_path / "merged.data"
+    with open(out, "wb") as fh:
+        result = merge_chain(paths, fh, out.name)
+    raw = bytearray(out.read_bytes())
+    raw[-100] ^= 0xFF  # in the last data bytes, which the sample always reads
+    out.write_bytes(raw)
+    with pytest.raises(StreamError, match="differ"):
+        verify_merged(paths, str(out), result.segments, full=False)
