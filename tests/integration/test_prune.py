@@ -24,8 +24,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from libvirtnbdbackup.cli.backup import lock_backup_folder
 from libvirtnbdbackup.format.index import open_index
 from libvirtnbdbackup.format.reader import file_adler32, read_meta
+from libvirtnbdbackup.jobs.backupoptions import BackupOptions
 
 from .vmlab import (
     DiskSpec,
@@ -450,3 +452,21 @@ def test_next_inc_after_a_merge_continues_the_chain(chain: Chain, tmp_path: Path
     assert images_identical(reference, latest)
     at6 = restore_image(folder, tmp_path / "at6", "--until", f"{I}6")
     assert images_identical(chain.references[f"{I}6"], at6)
+
+
+def test_a_prune_racing_a_backup_is_refused(chain: Chain, tmp_path: Path) -> None:
+    if chain.compress:
+        pytest.skip("checked on the plain chain")
+    folder = detached_copy(chain, tmp_path / "set")
+    before = snapshot(folder)
+    # The lock a backup into this folder holds while it writes (cli/backup.py's own).
+    opts = BackupOptions(domain=chain.vm.name, level="inc", output=str(folder))
+    lock = lock_backup_folder(opts, "inc")
+    try:
+        proc = prune(folder, "--keep-last", "2")
+    finally:
+        lock.release()
+    assert proc.returncode == 1
+    assert f"{folder} is in use by virtnbdbackup -l inc of domain {chain.vm.name}" in proc.stderr
+    assert snapshot(folder) == before
+    assert prune(folder, "--keep-last", "2").returncode == 0  # once the backup is done
