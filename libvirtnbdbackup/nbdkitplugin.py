@@ -8,14 +8,18 @@ nbdkit loads this file by path::
 ``file`` is repeated in chain order (full or copy first). ``export`` names
 the one export offered (any name is accepted when it is left out).
 ``cache`` bounds the decompressed LZ4 pieces kept in memory (e.g. 256M).
+``hexdump`` names a file that gets one line per read: offset, length and
+the first bytes in hex (virtnbdmap -H, for debugging).
 The export is read-only: put nbdkit's cow filter in front to take writes.
 """
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import sys
+import threading
 
 # nbdkit runs the system Python: make this package importable from its checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,18 +34,23 @@ _files: list[str] = []
 _export: str | None = None
 _cache = DEFAULT_CACHE
 _image: ChainImage | None = None
+_hexdump: str | None = None
+_hexdump_lock = threading.Lock()
+HEXDUMP_BYTES = 32
 
 
 def config(key: str, value: str) -> None:
-    global _export, _cache
-    if key == "file":
+    global _export, _cache, _hexdump
+    if key == "hexdump":
+        _hexdump = os.path.abspath(value)
+    elif key == "file":
         _files.append(os.path.abspath(value))
     elif key == "export":
         _export = value
     elif key == "cache":
         _cache = nbdkit.parse_size(value)
     else:
-        raise RuntimeError(f"unknown parameter {key!r} (expected file=, export=, cache=)")
+        raise RuntimeError(f"unknown parameter {key!r} (expected file=, export=, cache=, hexdump=)")
 
 
 def config_complete() -> None:
@@ -103,6 +112,10 @@ def is_rotational(h: ChainImage) -> bool:
 
 def pread(h: ChainImage, buf: memoryview, offset: int, flags: int) -> None:
     h.read_into(memoryview(buf), offset)
+    if _hexdump is not None:
+        head = bytes(memoryview(buf)[:HEXDUMP_BYTES]).hex(" ")
+        with _hexdump_lock, builtins.open(_hexdump, "a") as fh:
+            fh.write(f"read {offset:#x} +{len(buf)}: {head}\n")
 
 
 # Clients ask for the status of the whole rest of the disk and use the first

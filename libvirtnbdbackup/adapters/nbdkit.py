@@ -88,7 +88,12 @@ class NbdkitServer:
         threads: int,
         workdir: Path,
         cache: str | None = None,
+        blocksize: int | None = None,
+        hexdump: str | None = None,
     ) -> None:
+        """``blocksize``: the largest request passed to the plugin (nbdkit's
+        blocksize filter splits bigger ones); ``hexdump``: a file the plugin
+        appends a line to for every read (offset, length, first bytes)."""
         self.files = files
         self.export = export
         self.endpoint = endpoint
@@ -97,6 +102,8 @@ class NbdkitServer:
         self.pidfile = workdir / f"nbdkit.{export}.pid"
         self.errfile = workdir / f"nbdkit.{export}.log"
         self.cache = cache
+        self.blocksize = blocksize
+        self.hexdump = hexdump
         self.workdir = workdir
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -113,10 +120,16 @@ class NbdkitServer:
             cmd += ["--readonly"]
         else:
             cmd += ["--filter=cow"]
+        if self.blocksize:
+            cmd += ["--filter=blocksize"]
         cmd += ["python", PLUGIN, f"export={self.export}"]
         cmd += [f"file={f}" for f in self.files]
         if self.cache:
             cmd += [f"cache={self.cache}"]
+        if self.blocksize:
+            cmd += [f"maxdata={self.blocksize}"]
+        if self.hexdump:
+            cmd += [f"hexdump={self.hexdump}"]
         return cmd
 
     def start(self) -> None:

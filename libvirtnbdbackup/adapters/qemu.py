@@ -143,6 +143,7 @@ def nbd_server(
     export: str = "",
     bitmap: str | None = None,
     socket_dir: str | None = None,
+    socket: str | None = None,
     host: Host = LOCAL,
     tcp: NbdAddress | None = None,
     bind: str | None = None,
@@ -158,11 +159,17 @@ def nbd_server(
     when the block is left, also when this process dies: it lives only as
     long as our pipe to it.
     ``bitmap`` exposes that persistent dirty bitmap as
-    ``qemu:dirty-bitmap:NAME``.
+    ``qemu:dirty-bitmap:NAME``. ``socket`` names the unix socket instead
+    (2.x's restore ``-f``); qemu-nbd removes it when it ends.
     """
     workdir = None
     args = ["--format", fmt, "--export-name", export, "--shared", str(connections)]
-    if tcp is None:
+    if tcp is None and socket is not None:
+        if os.path.exists(socket):
+            raise QemuToolError(f"socket {socket} exists already: another NBD server uses it?")
+        address = NbdAddress(socket=socket)
+        args += ["--socket", socket]
+    elif tcp is None:
         workdir = tempfile.mkdtemp(prefix="virtnbdbackup.", dir=socket_dir)
         address = NbdAddress(socket=os.path.join(workdir, "nbd.sock"))
         args += ["--socket", address.socket or ""]
@@ -196,9 +203,9 @@ def nbd_server(
         yield address
     finally:
         _stop_server(proc)
+        if address.socket and os.path.exists(address.socket) and (workdir or socket):
+            os.unlink(address.socket)
         if workdir:
-            if address.socket and os.path.exists(address.socket):
-                os.unlink(address.socket)
             os.rmdir(workdir)
 
 

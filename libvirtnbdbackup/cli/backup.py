@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-p",
         "--printonly",
         action="store_true",
-        help="inc/diff: print the estimated size of the backup in bytes, then exit.",
+        help="Print the size of the backup in bytes, then exit: inc/diff estimate it from "
+        "the checkpoint, full/copy read the data extents (nothing is saved).",
     )
     debug.add_argument(
         "-T",
@@ -157,12 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
         "always run). (default: %(default)s)",
     )
     debug.add_argument(
+        "-q",
+        "--qemu",
+        action="store_true",
+        help="Read the extent maps with nbdinfo (libnbd-bin) instead of over the "
+        "backup's own NBD connection. (default: %(default)s)",
+    )
+    debug.add_argument(
+        "-s",
+        "--startonly",
+        action="store_true",
+        help="Only start the backup job and leave it running, exporting the disks over "
+        "NBD (no data is read, no checkpoint created); stop it with -k.",
+    )
+    debug.add_argument(
         "-k",
         "--killonly",
         action="store_true",
         help="Stop a backup job left running on the domain, then exit.",
     )
-    add_common_args(parser)
+    add_common_args(parser).add_argument(
+        "-L",
+        "--syslog",
+        action="store_true",
+        help="Also send the log to syslog (/dev/log). (default: %(default)s)",
+    )
     return parser
 
 
@@ -195,6 +215,8 @@ def options_from(args: argparse.Namespace) -> BackupOptions:
         threshold=args.threshold,
         start_domain=args.start_domain,
         pause=args.pause,
+        qemu=args.qemu,
+        startonly=args.startonly,
         remote=remote_options(args),
     )
 
@@ -209,15 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             lock = lock_backup_folder(opts, args.level)
         if not args.killonly:
             opts.level = resolve_level(opts)
-            if opts.printonly and opts.level not in ("inc", "diff"):
-                raise UsageError("-p estimates inc and diff backups, not a full or copy")
-            check_output_folder(opts)
+            if not opts.startonly:
+                check_output_folder(opts)
         log_dir = Path(opts.meta_dir)
         make_private_dir(log_dir)
     except (VirtnbdError, OSError) as err:
         if lock is not None:
             lock.release()
-        setup_logging(args, None)
+        setup_logging(args, None, syslog=args.syslog)
         log.error("%s", err)
         return EXIT_ERROR
     try:
@@ -251,10 +272,12 @@ def _run(
     log_dir: Path,
 ) -> int:
     stamp = datetime.now().strftime("%m%d%Y%H%M%S")
-    log_file = None if args.killonly else str(log_dir / f"backup.{opts.level}.{stamp}.log")
+    # Named after the level asked for, as 2.x does: a cron line's -l auto
+    # writes backup.auto.<date>.log whichever level it resolved to.
+    log_file = None if args.killonly else str(log_dir / f"backup.{args.level}.{stamp}.log")
     if log_file:
         create_private(log_file)
-    counter = setup_logging(args, log_file)
+    counter = setup_logging(args, log_file, syslog=args.syslog)
     warn_command_line_password(args)
     log.info("virtnbdbackup %s, level %s", __version__, opts.level)
     if args.level == "auto":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import sys
 from collections.abc import Callable
@@ -29,6 +30,8 @@ DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 log = logging.getLogger("virtnbdbackup")
 
 PASSWORD_ENV = "VIRTNBDBACKUP_PASSWORD"
+# -L/--syslog sends the log here too; the variable points it elsewhere (tests).
+SYSLOG_SOCKET = os.environ.get("VIRTNBDBACKUP_SYSLOG_SOCKET", "/dev/log")
 
 
 class WarningCounter(logging.Handler):
@@ -40,8 +43,12 @@ class WarningCounter(logging.Handler):
         self.count += 1
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, strict_short: bool = True) -> None:
-    """``strict_short``: whether ``-e`` means ``--strict`` (virtnbdmap uses it otherwise)."""
+def add_common_args(
+    parser: argparse.ArgumentParser, *, strict_short: bool = True, logfile_of: str | None = None
+) -> argparse._ArgumentGroup:
+    """``strict_short``: whether ``-e`` means ``--strict`` (virtnbdmap uses it otherwise).
+    ``logfile_of``: the program whose 2.x ``-L/--logfile`` to add (restore and map;
+    virtnbdbackup's ``-L`` is ``--syslog``)."""
     group = parser.add_argument_group("Logging and debug options")
     group.add_argument("-v", "--verbose", action="store_true", help="Enable debug output.")
     group.add_argument(
@@ -54,6 +61,21 @@ def add_common_args(parser: argparse.ArgumentParser, *, strict_short: bool = Tru
         help="Exit with code 2 when warnings were logged. (default: %(default)s)",
     )
     group.add_argument("-V", "--version", action="version", version=__version__)
+    group.add_argument(
+        "--nocolor",
+        action="store_true",
+        help="Accepted for compatibility with virtnbdbackup 2.x: the console log is never colored.",
+    )
+    if logfile_of:
+        group.add_argument(
+            "-L",
+            "--logfile",
+            default=None,
+            metavar="FILE",
+            help=f"Also write the log to FILE (virtnbdbackup 2.x wrote ~/{logfile_of}.log "
+            "by default). (default: console only)",
+        )
+    return group
 
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +193,9 @@ def remote_options(args: argparse.Namespace) -> RemoteOptions:
     )
 
 
-def setup_logging(args: argparse.Namespace, log_file: str | None) -> WarningCounter:
+def setup_logging(
+    args: argparse.Namespace, log_file: str | None, *, syslog: bool = False
+) -> WarningCounter:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -184,8 +208,19 @@ def setup_logging(args: argparse.Namespace, log_file: str | None) -> WarningCoun
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
         root.addHandler(handler)
+    syslog_problem = None
+    if syslog:
+        try:
+            sys_handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+        except OSError as err:
+            syslog_problem = f"no syslog at {SYSLOG_SOCKET} ({err.strerror}): -L logs nothing"
+        else:
+            sys_handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s %(message)s"))
+            root.addHandler(sys_handler)
     counter = WarningCounter()
     root.addHandler(counter)
+    if syslog_problem:
+        log.warning("%s", syslog_problem)
     return counter
 
 

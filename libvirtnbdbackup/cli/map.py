@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -75,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
         "-e", "--export-name", default=None, help="NBD export name. (default: the disk name)"
     )
     opt.add_argument(
+        "-b",
+        "--blocksize",
+        type=int,
+        default=None,
+        help="Largest request in bytes passed to the nbdkit plugin (bigger ones are split by "
+        "nbdkit's blocksize filter). (default: no limit; virtnbdbackup 2.x used 4096)",
+    )
+    opt.add_argument(
+        "-H",
+        "--hexdump",
+        action="store_true",
+        help="Log every read (offset, length, first bytes in hex) to the -L log file, "
+        "or ~/virtnbdmap.log, for debugging. (default: %(default)s)",
+    )
+    opt.add_argument(
         "-t",
         "--threads",
         type=int,
@@ -134,14 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Accepted for compatibility; virtnbdmap shows no progress bar.",
     )
     add_connection_args(parser)
-    add_common_args(parser, strict_short=False)
+    add_common_args(parser, strict_short=False, logfile_of="virtnbdmap")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    counter = setup_logging(args, None)
+    if args.blocksize is not None and (
+        args.blocksize < 512 or args.blocksize & (args.blocksize - 1)
+    ):
+        parser.error("-b/--blocksize takes a power of two of at least 512 bytes")
+    counter = setup_logging(args, args.logfile)
     warn_command_line_password(args)
     try:
         password = libvirt_password(args)
@@ -180,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         readonly=args.readonly,
         threads=args.threads,
         cache=args.cache,
+        blocksize=args.blocksize,
+        hexdump=(args.logfile or os.path.expanduser("~/virtnbdmap.log")) if args.hexdump else None,
         boot=args.boot,
         output=args.output,
         name=args.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -47,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     opt = parser.add_argument_group("General options")
+    opt.add_argument(
+        "-a",
+        "--action",
+        default="restore",
+        choices=["dump", "restore", "verify"],
+        help="What to do; -o dump and -o verify choose the same. (default: %(default)s)",
+    )
     opt.add_argument("-i", "--input", required=True, help="Folder holding the backup set.")
     opt.add_argument(
         "-o",
@@ -63,16 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="Restore raw-format disks too (copied as raw images). (default: %(default)s)",
     )
     opt.add_argument(
+        "-u",
         "--until",
         default=None,
         metavar="CHECKPOINT",
         help="Restore the state of this checkpoint (see -o dump for checkpointName).",
     )
     opt.add_argument(
+        "-s",
         "--sequence",
         default=None,
         metavar="FILE,FILE",
-        help="Apply exactly these data files, a full or copy file first.",
+        help="Apply exactly these data files, a full or copy file first; the image is "
+        "named after the disk (e.g. sda).",
+    )
+    opt.add_argument(
+        "-f",
+        "--socketfile",
+        default=None,
+        help="Unix socket of the qemu-nbd that writes the images. (default: a private one)",
     )
     opt.add_argument(
         "-c",
@@ -88,7 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="Define the adjusted domain in libvirt (implies -c).",
     )
     opt.add_argument(
+        "-C",
+        "--config-file",
+        default="vmconfig.xml",
+        help="File name, in the output folder, of the domain XML the restore writes "
+        "(adjusted with -c). (default: %(default)s)",
+    )
+    opt.add_argument(
         "-N", "--name", default=None, help="Name of the restored domain. (default: restore_NAME)"
+    )
+    opt.add_argument(
+        "-B",
+        "--buffsize",
+        type=int,
+        default=None,
+        help="Read size in bytes of -o verify. (default: 4 MiB)",
+    )
+    opt.add_argument(
+        "--dump-detail",
+        action="store_true",
+        help="With -o dump: add each file's name to its entry and list raw images too "
+        "(without it, the output is virtnbdbackup 2.x's).",
     )
     opt.add_argument(
         "-A",
@@ -105,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
     add_connection_args(parser)
     add_remote_args(parser)
-    add_common_args(parser)
+    add_common_args(parser, logfile_of="virtnbdrestore")
     return parser
 
 
@@ -114,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.compress and args.preallocate:
         parser.error("--compress and -A/--preallocate exclude each other")
-    counter = setup_logging(args, None)
+    if args.buffsize is not None and args.buffsize < 1:
+        parser.error("-B/--buffsize needs a positive number of bytes")
+    if os.sep in args.config_file:
+        parser.error("-C/--config-file names a file in the output folder, not a path")
+    counter = setup_logging(args, args.logfile)
     warn_command_line_password(args)
     try:
         password = libvirt_password(args)
@@ -122,11 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return EXIT_ERROR
     cancel = install_signal_handlers("virtnbdrestore")
+    sequence = [n.strip() for n in args.sequence.split(",") if n.strip()] if args.sequence else None
 
-    if args.output == "dump":
-        return run_job(lambda: print(dump_json(args.input)), counter, args.strict)
-    if args.output == "verify":
-        return run_job(lambda: verify(args.input), counter, args.strict)
+    action = args.output if args.output in ("dump", "verify") else args.action
+    if action == "dump":
+        return run_job(
+            lambda: print(dump_json(args.input, args.disk, sequence, args.dump_detail)),
+            counter,
+            args.strict,
+        )
+    if action == "verify":
+        buffsize = {"buffsize": args.buffsize} if args.buffsize else {}
+        return run_job(lambda: verify(args.input, args.disk, **buffsize), counter, args.strict)
 
     log.info("virtnbdrestore %s", __version__)
     opts = RestoreOptions(
@@ -144,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         uri=args.uri,
         user=args.user,
         password=password,
-        sequence=[n.strip() for n in args.sequence.split(",") if n.strip()]
-        if args.sequence
-        else None,
+        sequence=sequence,
+        socket_file=args.socketfile,
+        config_file=args.config_file,
         remote=remote_options(args),
     )
 

@@ -263,16 +263,22 @@ def _check_meta_header(header: Header, where: str) -> None:
         raise StreamError(f"{where}: meta length {header.length} is implausible (damaged header)")
 
 
-def read_meta(path: str) -> StreamMeta:
-    """The meta of a data file, reading only its first frame."""
+def read_meta_doc(path: str) -> Any:
+    """The meta JSON of a data file as stored (keys in the file's order),
+    reading only its first frame."""
     with open(path, "rb") as fh:
         header = frames.decode(fh.read(HEADER_SIZE), f"{path} at offset 0")
         _check_meta_header(header, f"{path} at offset 0")
         raw = fh.read(header.length)
     try:
-        return StreamMeta.from_json(json.loads(raw), path)
+        return json.loads(raw)
     except ValueError as err:
         raise StreamError(f"{path}: meta JSON is damaged: {err}") from None
+
+
+def read_meta(path: str) -> StreamMeta:
+    """The meta of a data file, reading only its first frame."""
+    return StreamMeta.from_json(read_meta_doc(path), path)
 
 
 def is_stream_file(path: str) -> bool:

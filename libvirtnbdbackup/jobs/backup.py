@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from ..adapters import qemu
 from ..adapters.domainxml import Disk, boot_files, parse_disks, select_disks
 from ..adapters.hosts import LOCAL, Host
 from ..adapters.nbdclient import ALLOCATION_CONTEXT, NbdAddress, NbdClient, bitmap_context
+from ..adapters.nbdinfo import map_extents
 from ..adapters.virt import (
     CHECKPOINT_PREFIX,
     Domain,
@@ -116,6 +117,11 @@ class BackupJob:
 
     def _run(self, domain: Domain, level: str) -> list[DiskResult]:
         if not domain.is_running():
+            if self.opts.startonly and not self.opts.start_domain:
+                raise UsageError(
+                    f"domain {domain.name} is shut off: -s starts a backup job, which needs "
+                    "the domain running (start it, or add -S)"
+                )
             if not self.opts.start_domain:
                 return self._run_offline(domain, level)
             log.info("starting domain %s paused for the backup (-S)", domain.name)
@@ -135,8 +141,13 @@ class BackupJob:
         all_disks, disks = self._select_disks(domain.name, domain_xml)
 
         chain = read_chain(self.opts.cpt_file)
+        if self.opts.printonly and level == "full":
+            level = "copy"  # -p estimates: it must not start a new chain
         step = plan_step(level, chain, offline=False, epoch=int(time.time()))
-        if step.since is not None:
+        if self.opts.startonly:
+            # Nothing is saved, so no checkpoint may claim a backup of this point.
+            step = replace(step, create=None)
+        if step.since is not None and not self.opts.startonly:
             since = step.since
             problem = self._chain_problem(domain, chain)
             if problem:
@@ -159,7 +170,7 @@ class BackupJob:
                     return []
         bitmap_disks = [d for d in disks if d.format != "raw"]
         new_checkpoint = None
-        if step.level == "full":
+        if step.level == "full" and not self.opts.startonly:
             if not bitmap_disks:
                 raise UsageError(
                     "a full backup starts a chain of dirty bitmaps, which raw images cannot "
@@ -225,10 +236,21 @@ class BackupJob:
                 raise
             self._start_new_chain(f"QEMU refused the bitmaps of checkpoint {step.since} ({err})")
             return self._run(domain, "full")
+        if self.opts.startonly:
+            log.info(
+                "backup job started, NBD server %s (exports named after the disks); it keeps "
+                "running: stop it with: virtnbdbackup -d %s -k",
+                server,
+                domain.name,
+            )
+            return []
         try:
             self.cancel.check()  # a signal while the job started
             results = self._backup_disks(disks, step, partial(self._job_export, server, step))
-            self._save_metadata(domain, domain_xml, disks, step)
+            if self.opts.printonly:
+                print(sum(r.data_size for r in results), flush=True)
+            else:
+                self._save_metadata(domain, domain_xml, disks, step)
         except BaseException:
             with self.cancel.scope():
                 self.cancel.defer()
@@ -344,7 +366,10 @@ class BackupJob:
             log.info("saving the changes since checkpoint %s", step.since)
         ports = {disk.target: index for index, disk in enumerate(disks)}
         results = self._backup_disks(disks, step, partial(self._offline_export, step, ports))
-        self._save_metadata(domain, domain_xml, disks, step)
+        if self.opts.printonly:
+            print(sum(r.data_size for r in results), flush=True)
+        else:
+            self._save_metadata(domain, domain_xml, disks, step)
         return results
 
     def _check_offline_bitmap(self, disk: Disk, checkpoint: str) -> None:
@@ -449,7 +474,7 @@ class BackupJob:
             contexts.append(bitmap_context(plan.bitmap))
         client = NbdClient.connect(source.address, disk.target, contexts, wait=10)
         try:
-            return DiskBackup(
+            backup = DiskBackup(
                 client,
                 plan,
                 self.target,
@@ -458,9 +483,25 @@ class BackupJob:
                 position=index,
                 connect=lambda: NbdClient.connect(source.address, disk.target, wait=10),
                 lanes=compress_lanes(),
-            ).run()
+                extents=partial(map_extents, source.address, disk.target)
+                if self.opts.qemu
+                else None,
+            )
+            if self.opts.printonly:
+                return self._print_extents(backup, plan)
+            return backup.run()
         finally:
             client.close()
+
+    def _print_extents(self, backup: DiskBackup, plan: DiskPlan) -> DiskResult:
+        """-p on a full or copy backup: the data extents it would save, nothing written."""
+        regions = backup.regions()
+        data = [r for r in regions if r.data]
+        size = sum(r.length for r in data)
+        log.info("disk %s: got %d extents to back up", plan.target, len(data))
+        log.info("disk %s: %d bytes disk size", plan.target, backup.client.size)
+        log.info("disk %s: %d bytes of data extents to back up", plan.target, size)
+        return DiskResult(plan.target, plan.file_name, backup.client.size, size, 0, 0.0)
 
     def _save_metadata(
         self, domain: Domain, domain_xml: str, disks: list[Disk], step: BackupStep

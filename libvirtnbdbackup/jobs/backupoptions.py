@@ -35,6 +35,8 @@ class BackupOptions:
     threshold: int = 0  # skip an inc/diff that changed fewer bytes
     start_domain: bool = False  # back up a shut-off domain by starting it paused
     pause: bool = False  # suspend the domain while the backup job starts
+    qemu: bool = False  # -q: read the extent maps with nbdinfo
+    startonly: bool = False  # -s: start the backup job, leave it running, read nothing
     remote: RemoteOptions = field(default_factory=RemoteOptions)
 
     @property
@@ -55,6 +57,20 @@ def backup_set_files(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted({p.name for pat in BACKUP_SET_PATTERNS for p in folder.glob(pat)})
+
+
+def leftover_partials(folder: Path, opts: BackupOptions) -> list[str]:
+    """Files a failed run left half-written: any ``*.partial`` of this tool,
+    in the folder or its checkpoint folder (2.x refuses inc/diff on any)."""
+    folders = [folder, Path(opts.checkpoint_dir) if opts.checkpoint_dir else folder / "checkpoints"]
+    found = []
+    for where in folders:
+        if where.is_dir():
+            found += sorted(
+                str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p)
+                for p in where.glob("*.partial")
+            )
+    return found
 
 
 def resolve_level(opts: BackupOptions) -> str:
@@ -90,10 +106,10 @@ def check_output_folder(opts: BackupOptions) -> None:
         raise UsageError(
             f"raw-format disks have no dirty bitmap: leave out --raw for {opts.level} backups"
         )
-    partial = [name for name in found if name.endswith(".partial")]
+    partial = leftover_partials(folder, opts)
     if partial:
         raise UsageError(
-            f"{folder} holds unfinished data files of a failed backup ({', '.join(partial)}); "
+            f"{folder} holds unfinished files of a failed backup ({', '.join(partial)}); "
             f"an {opts.level} backup on top of it could not be restored: remove them and take "
             "a new full backup into a new folder"
         )

@@ -124,10 +124,12 @@ class DiskBackup:
         position: int = 0,
         connect: Callable[[], NbdClient] | None = None,
         lanes: int = 1,
+        extents: Callable[[str], list[Extent]] | None = None,
     ) -> None:
         """``connect`` opens another connection to the same export: with
         compression, each of ``lanes`` threads reads and compresses over
-        its own."""
+        its own. ``extents`` reads a meta context's map (default: block
+        status over ``client``; ``-q`` passes nbdinfo's)."""
         self.client = client
         self.plan = plan
         self.target = target
@@ -136,15 +138,19 @@ class DiskBackup:
         self.position = position
         self.connect = connect
         self.lanes = lanes if connect is not None else 1
+        self.extents = extents or client.extents
+
+    def regions(self) -> list[Region]:
+        """What this disk's data file holds: data and zero runs in disk order."""
+        allocation = self.extents(ALLOCATION_CONTEXT)
+        if self.plan.bitmap:
+            dirty = self.extents(bitmap_context(self.plan.bitmap))
+            return changed_regions(dirty, allocation, sparse=self.plan.sparse)
+        return allocation_regions(allocation)
 
     def run(self) -> DiskResult:
         started = time.monotonic()
-        allocation = self.client.extents(ALLOCATION_CONTEXT)
-        if self.plan.bitmap:
-            dirty = self.client.extents(bitmap_context(self.plan.bitmap))
-            regions = changed_regions(dirty, allocation, sparse=self.plan.sparse)
-        else:
-            regions = allocation_regions(allocation)
+        regions = self.regions()
         data_size = sum(r.length for r in regions if r.data)
         log.info(
             "disk %s: %d bytes virtual, %d bytes of data in %d data extents",

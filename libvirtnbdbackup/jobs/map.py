@@ -65,6 +65,8 @@ class MapOptions:
     readonly: bool = False
     threads: int = 0
     cache: str | None = None
+    blocksize: int | None = None  # -b: largest request passed to the plugin
+    hexdump: str | None = None  # -H: file the plugin logs each read to
     boot: bool = False
     output: str | None = None  # --boot: folder for the overlays
     name: str | None = None  # --boot: domain name
@@ -189,6 +191,8 @@ class MapJob:
             threads=self.opts.threads,
             workdir=self.workdir,
             cache=self.opts.cache,
+            blocksize=self.opts.blocksize,
+            hexdump=self.opts.hexdump,
         )
         stack.callback(server.stop)
         server.start()

@@ -14,6 +14,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lz4.frame
 from tqdm import tqdm
@@ -26,7 +27,7 @@ from ..adapters.virt import Hypervisor
 from ..errors import Interrupted, StreamError, TargetError, UsageError, VirtnbdError
 from ..format.chainimage import merge_layers
 from ..format.index import Extent, FileIndex, build_index, load_index
-from ..format.reader import file_adler32, lz4_content_size
+from ..format.reader import file_adler32, is_stream_file, lz4_content_size, read_meta_doc
 from ..interrupts import Cancel
 from ..targets.directory import PARTIAL_SUFFIX
 from ..targets.lock import FolderLock
@@ -70,6 +71,8 @@ class RestoreOptions:
     password: str | None = None
     until: str | None = None  # restore the state of this checkpoint
     sequence: list[str] | None = None  # explicit data file names, base first
+    socket_file: str | None = None  # -f: qemu-nbd's unix socket (default: a private one)
+    config_file: str = "vmconfig.xml"  # -C: name of the domain XML written next to the images
     remote: RemoteOptions = field(default_factory=RemoteOptions)
 
 
@@ -111,7 +114,13 @@ class RestoreJob:
             )
         disk_chains = self._sequences(files)
         config = latest_config(self.input, list(disk_chains.values()))
-        names = image_names(config, list(disk_chains))
+        # --sequence restores the one disk it names, as 2.x does: the image is
+        # named after the disk (e.g. sda), not after the source image.
+        names = (
+            {disk: disk for disk in disk_chains}
+            if self.opts.sequence
+            else image_names(config, list(disk_chains))
+        )
         # -D needs libvirt: fail before any image is written, not after.
         hypervisor = (
             Hypervisor(self.opts.uri, self.opts.user, self.opts.password)
@@ -184,10 +193,10 @@ class RestoreJob:
                 self.host.put(str(saved), dest, readable=path == (loader or "").strip())
             boot[path] = dest
             log.info("restored boot file %s", dest)
-        target = os.path.join(self.output, config.name)
+        target = os.path.join(self.output, self.opts.config_file)
         if not (self.opts.adjust_config or self.opts.define):
             self.host.write_bytes(target, text.encode())
-            log.info("copied domain configuration %s", config.name)
+            log.info("copied domain configuration %s to %s", config.name, target)
             return
         original = ET.fromstring(text).findtext("name") or "domain"
         name = self.opts.name or f"restore_{original}"
@@ -245,6 +254,7 @@ class RestoreJob:
             fmt,
             connections=connections,
             host=self.host,
+            socket=None if remote else self.opts.socket_file,
             tcp=self.remote.nbd_address() if remote else None,
             bind=self.remote.bind_address() if remote else None,
         )
@@ -555,23 +565,51 @@ def _clip(
             yield max(a, start), data[max(a, start) - start : min(b, end) - start]
 
 
-def dump(folder: str) -> list[dict[str, object]]:
-    """The meta of every data file in the folder, as printed by ``-o dump``."""
-    out: list[dict[str, object]] = []
-    for f in scan(folder):
-        if f.meta is None:
-            out.append({"file": f.name, "diskName": f.disk, "raw": True})
-        else:
-            out.append({"file": f.name, **f.meta.to_json()})
+def dump(
+    folder: str,
+    disk: str | None = None,
+    sequence: list[str] | None = None,
+    detail: bool = False,
+) -> list[Any]:
+    """What ``-o dump`` prints: the meta JSON of each data file, keys as
+    stored, in 2.x's order (the files by modification time, or the
+    ``--sequence`` order), raw images left out. ``detail`` adds each
+    file's name and lists raw images too."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise TargetError(f"{root} is not a backup folder")
+    if sequence:
+        paths = [root / name for name in sequence]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise TargetError(f"--sequence: no data file {', '.join(missing)} in {root}")
+    else:
+        paths = sorted(root.glob("*.data"), key=lambda p: (p.stat().st_mtime, p.name))
+    out: list[Any] = []
+    for path in paths:
+        if disk is not None and not path.name.startswith(disk):
+            continue
+        if not is_stream_file(str(path)):
+            if detail:
+                out.append({"file": path.name, "diskName": path.name.split(".", 1)[0], "raw": True})
+            else:
+                log.info("%s: a raw image, no meta to dump", path.name)
+            continue
+        doc = read_meta_doc(str(path))
+        out.append({"file": path.name, **doc} if detail else doc)
     return out
 
 
-def verify(folder: str) -> None:
-    """Recompute each data file's checksum and compare it with the saved one."""
+def verify(folder: str, disk: str | None = None, buffsize: int = 4 * 1024 * 1024) -> None:
+    """Recompute each data file's checksum and compare it with the saved one.
+
+    A file without a ``.chksum`` (an unzipped ``-o -`` backup has none) is a
+    warning, not an error, as in 2.x: ``--strict`` turns it into exit 2.
+    """
     failed = []
     checked = 0
     for f in scan(folder):
-        if f.meta is None:
+        if f.meta is None or (disk is not None and f.disk != disk):
             continue
         saved = f.path.with_name(f.name + ".chksum")
         if not saved.is_file():
@@ -581,7 +619,7 @@ def verify(folder: str) -> None:
             expected = int(saved.read_text().strip())
         except ValueError:
             raise StreamError(f"{saved}: not a checksum") from None
-        actual = file_adler32(str(f.path))
+        actual = file_adler32(str(f.path), chunk_size=buffsize)
         checked += 1
         if actual == expected:
             log.info("%s: checksum %d OK", f.name, actual)
@@ -593,8 +631,13 @@ def verify(folder: str) -> None:
             f"{len(failed)} of {checked} data files failed verification: " + ", ".join(failed)
         )
     if not checked:
-        raise VirtnbdError(f"{folder} holds no data file with a checksum to verify")
+        log.warning("%s holds no data file with a checksum: nothing was verified", folder)
 
 
-def dump_json(folder: str) -> str:
-    return json.dumps(dump(folder), indent=4)
+def dump_json(
+    folder: str,
+    disk: str | None = None,
+    sequence: list[str] | None = None,
+    detail: bool = False,
+) -> str:
+    return json.dumps(dump(folder, disk, sequence, detail), indent=4)

@@ -55,7 +55,7 @@ def test_full_backup_restores_bit_identical(fresh_vm: LabVM, tmp_path: Path) -> 
     for target in ("vda", "vdb", "vdc"):
         image = restored / vm.images[target].name
         assert images_identical(vm.images[target], image), target
-    assert (restored / "vmconfig.virtnbdbackup.0.xml").is_file()
+    assert (restored / "vmconfig.xml").is_file()
     info = json.loads(
         sh("qemu-img", "info", "--output", "json", restored / vm.images["vda"].name).stdout
     )
@@ -252,11 +252,14 @@ def test_restore_never_overwrites_an_image(vm: LabVM, tmp_path: Path) -> None:
 
 def test_dump_prints_meta_of_each_file(vm: LabVM, tmp_path: Path) -> None:
     out = tmp_path / "backup"
-    ok(backup(vm, out, "-l", "copy", "-x", "vda"))
+    ok(backup(vm, out, "-l", "copy", "-x", "vda", "--raw"))
     proc = ok(run_tool("virtnbdrestore", "-i", out, "-o", "dump"))
     dumped = json.loads(proc.stdout)
-    assert [d["file"] for d in dumped] == ["vdb.copy.data"]
-    assert dumped[0]["diskName"] == "vdb" and dumped[0]["virtualSize"] == 1024**3
+    assert [d["diskName"] for d in dumped] == ["vdb"]  # 2.x leaves the raw vdc out
+    assert dumped[0]["virtualSize"] == 1024**3 and "file" not in dumped[0]
+    proc = ok(run_tool("virtnbdrestore", "-i", out, "-o", "dump", "--dump-detail"))
+    detail = json.loads(proc.stdout)
+    assert sorted(d["file"] for d in detail) == ["vdb.copy.data", "vdc.copy.data"]
 
 
 def test_strict_turns_warnings_into_exit_2(vm: LabVM, tmp_path: Path) -> None:

@@ -176,5 +176,5 @@ def test_inc_refuses_without_full_or_after_failed_backup(chain_vm: LabVM, tmp_pa
     backup_ok(vm, out, "full")
     (out / "vda.inc.virtnbdbackup.1.data.partial").write_bytes(b"left over")
     proc = run_tool("virtnbdbackup", "-d", vm.name, "-l", "inc", "-o", out, "-n")
-    assert proc.returncode == 1 and "unfinished data files" in proc.stderr
+    assert proc.returncode == 1 and "unfinished files" in proc.stderr
     assert vm.checkpoints() == ["virtnbdbackup.0"]

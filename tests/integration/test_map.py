@@ -381,3 +381,26 @@ def test_block_status_replies_are_bounded_on_a_fragmented_chain(
         assert data == [(n * 128 * 1024, 64 * 1024) for n in range(300)]
     finally:
         remove_vm(vm)
+
+
+def test_blocksize_splits_reads_and_hexdump_logs_them(
+    chain: tuple[LabVM, Path], tmp_path: Path
+) -> None:
+    """2.x's -b caps the requests the plugin sees; -H logs each read to the -L file."""
+    _vm, out = chain
+    log = tmp_path / "map.log"
+    sock = socket_path("hexdump")
+    with mapped(
+        "-i", out, "--disk", "vda", "--listen", f"unix:{sock}", "-r", "-b", "4096", "-H", "-L", log
+    ) as m:
+        h = nbd.NBD()
+        h.connect_uri(m.value("export vda"))
+        data = h.pread(64 * 1024, 41 * MiB)
+        h.shutdown()
+    assert data == b"\x22" * 64 * 1024
+    lines = log.read_text().splitlines()
+    reads = [line for line in lines if line.startswith(f"read {41 * MiB:#x} ")]
+    assert reads == [f"read {41 * MiB:#x} +4096: " + " ".join(["22"] * 32)]
+    split = [line for line in lines if line.startswith("read ") and "+4096:" in line]
+    assert len(split) >= 16 and not [line for line in lines if "+65536:" in line]
+    assert any("virtnbdmap" in line for line in lines)  # -L also takes the log

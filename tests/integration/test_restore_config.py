@@ -51,6 +51,6 @@ def test_adjust_config_without_define_writes_the_xml_only(vm: LabVM, tmp_path: P
     failed = run_tool("virtnbdrestore", "-i", out, "-o", tmp_path / "d", "-n", "-D", "-U", nowhere)
     assert failed.returncode == 1 and "/nonexistent/libvirt-sock" in failed.stderr
     assert not (tmp_path / "d").exists(), "-D checks libvirt before restoring anything"
-    xml = (restored / "vmconfig.copy.xml").read_text()
+    xml = (restored / "vmconfig.xml").read_text()
     assert f"<name>restore_{vm.name}</name>" in xml and "<uuid>" not in xml
     assert [d.target for d in parse_disks(xml)] == ["vdb"]

@@ -134,7 +134,12 @@ def restore_image(out: Path, dest: Path, *args: str) -> Path:
     """A restore that must succeed; the (one) qcow2 image it made."""
     proc = run_tool("virtnbdrestore", "-i", out, "-o", dest, "-n", *args)
     assert proc.returncode == 0, proc.stderr
-    return next(dest.glob("*.qcow2"))
+    # --sequence names the image after the disk (vda), with no suffix, as 2.x does.
+    images = list(dest.glob("*.qcow2")) or [
+        p for p in dest.iterdir() if p.is_file() and p.suffix not in (".xml", ".fd", ".log")
+    ]
+    assert len(images) == 1, images
+    return images[0]
 
 
 def ensure_libvirtd() -> libvirt.virConnect:
