@@ -11,12 +11,13 @@ from .. import __version__
 from ..errors import UsageError
 from ..jobs.backupset import scan
 from ..jobs.keeprules import KeepRules, parse_duration
-from ..jobs.prune import prune
+from ..jobs.prune import Libvirt, prune
 from ..jobs.pruneplan import PROTECT_SUFFIX, backup_folders
 from .common import (
     add_common_args,
     add_connection_args,
     install_signal_handlers,
+    libvirt_password,
     run_job,
     setup_logging,
 )
@@ -158,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         rules = rules_of(args)
         if rules.empty and (args.protect or args.unprotect):
             return
-        result = prune(args.input, rules, dry_run=args.dry_run, verify=args.verify, uri=args.uri)
+        connection = Libvirt(args.uri, args.user, libvirt_password(args))
+        result = prune(
+            args.input, rules, dry_run=args.dry_run, verify=args.verify, libvirt=connection
+        )
         if args.dry_run or not args.quiet:
             print(result.plan.table())
         if not args.dry_run:

@@ -54,6 +54,15 @@ CHECKPOINT_DIR = "checkpoints"
 Step = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class Libvirt:
+    """Where the checkpoints of merged backups are deleted."""
+
+    uri: str = "qemu:///system"
+    user: str | None = None
+    password: str | None = None
+
+
 @dataclass
 class PruneResult:
     plan: PrunePlan
@@ -71,7 +80,7 @@ def prune(
     *,
     dry_run: bool = False,
     verify: bool = False,
-    uri: str = "qemu:///system",
+    libvirt: Libvirt | None = None,
     on_step: Step = _no_step,
 ) -> PruneResult:
     """Plan (and unless ``dry_run`` carry out) the prune of ``root``.
@@ -82,6 +91,7 @@ def prune(
     there).
     """
     root = Path(root)
+    uri = libvirt or Libvirt()
     if dry_run:
         return PruneResult(plan_prune(root, rules))
     with _locked(backup_folders(root)):
@@ -104,7 +114,7 @@ def _locked(folders: list[Path]) -> Iterator[None]:
 
 
 def _apply(
-    fplan: FolderPlan, result: PruneResult, *, verify: bool, uri: str, on_step: Step
+    fplan: FolderPlan, result: PruneResult, *, verify: bool, uri: Libvirt, on_step: Step
 ) -> None:
     if not fplan.changes:
         return
@@ -169,7 +179,7 @@ def _saved_times(folder: Path, names: list[str]) -> dict[str, str]:
     return times
 
 
-def _merge(fplan: FolderPlan, *, verify: bool, uri: str, on_step: Step) -> int:
+def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> int:
     folder = fplan.folder
     base = fplan.new_base
     assert base is not None
@@ -252,7 +262,7 @@ def _file_of(point: Point, disk: str) -> DataFile:
     raise StreamError(f"{point.folder}: backup {point.ident} has no data file of disk {disk}")
 
 
-def recover(folder: Path, uri: str, on_step: Step = _no_step) -> None:
+def recover(folder: Path, uri: Libvirt, on_step: Step = _no_step) -> None:
     """Finish a committed merge that a run left, or remove an uncommitted one."""
     work = folder / WORK_DIR
     if not work.is_dir():
@@ -275,7 +285,7 @@ def recover(folder: Path, uri: str, on_step: Step = _no_step) -> None:
     _roll_forward(folder, journal, uri, on_step)
 
 
-def _roll_forward(folder: Path, journal: dict, uri: str, on_step: Step) -> None:
+def _roll_forward(folder: Path, journal: dict, uri: Libvirt, on_step: Step) -> None:
     work = folder / WORK_DIR
     old = work / OLD_DIR
     (old / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
@@ -316,11 +326,13 @@ def _orphan_checkpoint(path: Path) -> None:
     write_atomic(path, ET.tostring(root, encoding="unicode").encode())
 
 
-def _drop_checkpoints(domain_name: str, uri: str, names: list[str], times: dict[str, str]) -> None:
+def _drop_checkpoints(
+    domain_name: str, uri: Libvirt, names: list[str], times: dict[str, str]
+) -> None:
     """Delete merged checkpoints in libvirt, oldest first (each the root, so
     no bitmap is merged into another), only those this chain created."""
     try:
-        hypervisor = Hypervisor(uri)
+        hypervisor = Hypervisor(uri.uri, uri.user, uri.password)
     except DomainError as err:
         log.warning("libvirt checkpoints of merged backups not removed: %s", err)
         return
@@ -346,7 +358,7 @@ def _drop_checkpoints(domain_name: str, uri: str, names: list[str], times: dict[
         hypervisor.close()
 
 
-def _remove_folder_set(fplan: FolderPlan, result: PruneResult, uri: str) -> None:
+def _remove_folder_set(fplan: FolderPlan, result: PruneResult, uri: Libvirt) -> None:
     """No point of the folder is kept: remove its backup set, newest first."""
     folder = fplan.folder
     names = _checkpoint_names(fplan.links, set())
