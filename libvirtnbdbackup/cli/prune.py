@@ -13,6 +13,7 @@ from ..jobs.backupset import scan
 from ..jobs.keeprules import KeepRules, parse_duration
 from ..jobs.prune import Libvirt, prune
 from ..jobs.pruneplan import PROTECT_SUFFIX, backup_folders
+from ..targets.private import create_private
 from .common import (
     add_common_args,
     add_connection_args,
@@ -137,7 +138,7 @@ def mark(root: str, point: str, protect: bool) -> None:
         raise UsageError(f"{folder} holds no backup {point}")
     marker = folder / f"{point}{PROTECT_SUFFIX}"
     if protect:
-        marker.write_text("")
+        create_private(marker)
         log.info("%s is protected (%s)", point, marker)
     else:
         marker.unlink(missing_ok=True)

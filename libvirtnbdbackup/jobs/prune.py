@@ -32,6 +32,7 @@ from ..format.index import index_path
 from ..format.merge import merge_chain, verify_merged
 from ..targets.directory import PartialFile, fsync_dir, write_atomic
 from ..targets.lock import FolderLock
+from ..targets.private import PRIVATE_DIR
 from .backupset import DataFile
 from .chainplan import MERGED_FILE, read_merged
 from .keeprules import KeepRules
@@ -186,7 +187,7 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
     merged = fplan.merged
     chain = [*merged, base]
     work = folder / WORK_DIR
-    work.mkdir()
+    work.mkdir(mode=PRIVATE_DIR)
     fsync_dir(folder)
     written = 0
     install: list[str] = []
@@ -288,7 +289,8 @@ def recover(folder: Path, uri: Libvirt, on_step: Step = _no_step) -> None:
 def _roll_forward(folder: Path, journal: dict, uri: Libvirt, on_step: Step) -> None:
     work = folder / WORK_DIR
     old = work / OLD_DIR
-    (old / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    for made in (old, old / CHECKPOINT_DIR):
+        made.mkdir(mode=PRIVATE_DIR, exist_ok=True)
     for name in journal["retire"]:
         # A name already in old/ was retired by the run that was stopped: the
         # file of that name in the folder now is the new one (vda.full.data).

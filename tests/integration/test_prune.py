@@ -470,3 +470,34 @@ def test_a_prune_racing_a_backup_is_refused(chain: Chain, tmp_path: Path) -> Non
     assert f"{folder} is in use by virtnbdbackup -l inc of domain {chain.vm.name}" in proc.stderr
     assert snapshot(folder) == before
     assert prune(folder, "--keep-last", "2").returncode == 0  # once the backup is done
+
+
+def test_a_root_of_month_folders(chain: Chain, tmp_path: Path) -> None:
+    """/backup/vm/2026-10 and /backup/vm/2026-11: the rules count over both; a
+    folder none of whose points is kept goes, the other is merged."""
+    if chain.compress:
+        pytest.skip("checked on the plain chain")
+    root = tmp_path / "vm"
+    october = detached_copy(chain, root / "2026-10")
+    november = detached_copy(chain, root / "2026-11")
+    number = 0
+    for level, when, _writes in SCHEDULE:  # October's chain: the same, a month earlier
+        ident = chain.diff_ident if level == "diff" else f"{I}{number}"
+        set_point_date(october, ident, when.replace(month=10))
+        number += level != "diff"
+    proc = prune(root, "--dry-run", "--keep-monthly", "2", "--keep-last", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [re.split(r"\s{2,}", line.strip()) for line in proc.stdout.strip().splitlines()[1:]]
+    october_rows = {cells[1]: cells[4] for cells in lines if cells[0] == "2026-10"}
+    november_rows = {cells[1]: cells[4] for cells in lines if cells[0] == "2026-11"}
+    # October's newest point (.7 on 10-09) is the newest of its month: kept, and
+    # the chain's end keeps it; November keeps .6 and .7 (last 2, .7 monthly too).
+    assert october_rows[f"{I}7"] == "keep" and october_rows[f"{I}6"] == "merge"
+    assert november_rows[f"{I}6"] == "keep" and november_rows[f"{I}5"] == "merge"
+    assert prune(root, "--keep-last", "2").returncode == 0
+    assert not list(october.glob("*.data")) and not list(october.glob("*.cpt"))
+    assert sorted(p.name for p in november.glob("*.data")) == [
+        "vda.full.data",
+        f"vda.inc.{I}7.data",
+    ]
+    restores_identical(chain, november, tmp_path / "r", [f"{I}6", f"{I}7"])
