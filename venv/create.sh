@@ -18,6 +18,11 @@ python3-libvirt and python3-libnbd, and install virtnbdbackup into it.
 VENV_PYTHON names another interpreter to build on (default: /usr/bin/python3);
 it must be the one the distribution's python3-libvirt and python3-libnbd are for.
 
+Where systemd runs (without --dev), or when SYSTEMD_UNIT_DIR is set, the virtnbdfleet service
+and timer units are installed into SYSTEMD_UNIT_DIR (default:
+/etc/systemd/system), pointing at this venv; units edited there by hand
+are left alone. Nothing is enabled: systemctl enable --now virtnbdfleet.timer.
+
 The commands are then VENV_DIR/bin/virtnbdbackup, virtnbdrestore, ...;
 without --dev their man pages go to VENV_DIR/share/man/man1, where man(1)
 finds them once VENV_DIR/bin is on PATH.
@@ -90,4 +95,27 @@ else
     "${pip[@]}" "$repo"  # pip reinstalls a local folder, so a rerun picks up changes
 fi
 "$target/bin/virtnbdbackup" --version >/dev/null || fail "the installed virtnbdbackup does not run"
+
+# The scheduling units of virtnbdfleet, where systemd can run them.
+unit_dir="${SYSTEMD_UNIT_DIR:-}"
+if [ -z "$unit_dir" ] && [ "$dev" = 0 ] && [ -d /run/systemd/system ] && [ "$(id -u)" = 0 ]; then
+    unit_dir=/etc/systemd/system
+fi
+if [ -n "$unit_dir" ]; then
+    mkdir -p "$unit_dir"
+    bindir="$(cd "$target/bin" && pwd)"
+    for unit in virtnbdfleet.service virtnbdfleet.timer; do
+        dest="$unit_dir/$unit"
+        if [ -e "$dest" ] && ! grep -q '^# Installed by venv/create.sh' "$dest"; then
+            echo "venv: $dest was written by someone else: left alone" >&2
+            continue
+        fi
+        sed "s|@BINDIR@|$bindir|g" "$repo/contrib/systemd/$unit" > "$dest.partial"
+        mv "$dest.partial" "$dest"
+    done
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+        systemctl daemon-reload || echo "venv: warning: systemctl daemon-reload failed" >&2
+    fi
+    echo "venv: systemd units in $unit_dir (systemctl enable --now virtnbdfleet.timer)"
+fi
 echo "venv: ready at $target"

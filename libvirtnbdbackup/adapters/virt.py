@@ -7,17 +7,21 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import libvirt
 
 from ..errors import DomainError
-from .domainxml import Disk
+from .domainxml import Disk, parse_disks
 from .nbdclient import NbdAddress
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "virtnbdbackup"
+# Namespace of the domain metadata element that holds a domain's fleet tags:
+#   <metadata><fleet xmlns="urn:virtnbdbackup:fleet"><tag>nightly</tag></fleet></metadata>
+FLEET_METADATA_NS = "urn:virtnbdbackup:fleet"
 
 # libvirt prints every error to stderr by default; we report them ourselves.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -77,9 +81,53 @@ class Hypervisor:
         except libvirt.libvirtError as err:
             raise DomainError(f"domain {name!r} not found at {self.uri}: {_message(err)}") from None
 
+    def list_domains(self) -> list[DomainSummary]:
+        """Every domain libvirt knows, running or not, with what selecting
+        it needs; a domain that vanishes while being listed is left out."""
+        try:
+            doms = self._conn.listAllDomains(0)
+        except libvirt.libvirtError as err:
+            raise DomainError(f"cannot list the domains at {self.uri}: {_message(err)}") from None
+        found = []
+        for dom in doms:
+            try:
+                xml = dom.XMLDesc(0)
+                found.append(
+                    DomainSummary(
+                        name=dom.name(),
+                        uuid=dom.UUIDString(),
+                        active=bool(dom.isActive()),
+                        disks=sum(1 for d in parse_disks(xml) if d.device == "disk"),
+                        tags=fleet_tags(xml),
+                    )
+                )
+            except libvirt.libvirtError as err:
+                log.debug("domain left out of the listing: %s", _message(err))
+        return sorted(found, key=lambda d: d.name)
+
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self._conn.close()
+
+
+@dataclass(frozen=True)
+class DomainSummary:
+    name: str
+    uuid: str
+    active: bool
+    disks: int  # devices of type disk (each needs an NBD port when backed up offline)
+    tags: tuple[str, ...]
+
+
+def fleet_tags(domain_xml: str) -> tuple[str, ...]:
+    """The tags in the domain's fleet metadata element, in document order."""
+    root = ET.fromstring(domain_xml)
+    tags: list[str] = []
+    for node in root.findall(f"./metadata/{{{FLEET_METADATA_NS}}}fleet/{{{FLEET_METADATA_NS}}}tag"):
+        text = (node.text or "").strip()
+        if text and text not in tags:
+            tags.append(text)
+    return tuple(tags)
 
 
 class Domain:

@@ -19,6 +19,7 @@ COMMANDS = {
     "virtnbdrestore": "libvirtnbdbackup.cli.restore",
     "virtnbdmap": "libvirtnbdbackup.cli.map",
     "virtnbdprune": "libvirtnbdbackup.cli.prune",
+    "virtnbdfleet": "libvirtnbdbackup.cli.fleet",
 }
 
 
@@ -45,6 +46,10 @@ def virtnbdmap() -> int:
 
 def virtnbdprune() -> int:
     return _launch("virtnbdprune")
+
+
+def virtnbdfleet() -> int:
+    return _launch("virtnbdfleet")
 
 
 if __name__ == "__main__":

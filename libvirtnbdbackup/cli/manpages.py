@@ -91,9 +91,20 @@ def build_parser(command: Command) -> argparse.ArgumentParser:
             "is built from the parser that function returns"
         )
     parser: argparse.ArgumentParser = builder()
-    formatter = cast(type[argparse.HelpFormatter], parser.formatter_class)
-    parser.formatter_class = functools.partial(formatter, width=SOURCE_WIDTH)
+    for each in dict.fromkeys([parser, *subparsers(parser)]):
+        formatter = cast(type[argparse.HelpFormatter], each.formatter_class)
+        each.formatter_class = functools.partial(formatter, width=SOURCE_WIDTH)
     return parser
+
+
+def subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of the command's subcommands (virtnbdfleet backup, ...), nested too."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += [sub, *subparsers(sub)]
+    return found
 
 
 def escape(text: str) -> str:
@@ -187,6 +198,27 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
         "files are removed. A run that is killed is finished, or its unfinished merge "
         "removed, by the next run. Nothing runs while a backup writes into the folder.",
     ),
+    "virtnbdfleet": (
+        "virtnbdfleet backs up the selected domains of one or more hypervisors, each "
+        "with its own virtnbdbackup process, into ROOT/HOST/VM/PERIOD: a full backup "
+        "into each new period folder (monthly unless --period or the configuration says "
+        "otherwise), incremental backups into it after that. Hypervisors are given by "
+        "libvirt URI (-U, or [[hypervisor]] tables of the TOML configuration of -c), "
+        "domains by name, glob, regular expression, metadata tag or --all, less "
+        "--exclude.",
+        "At most --jobs backups run at once, and at most --host-jobs per hypervisor. Each "
+        "job of a remote hypervisor gets its own NBD ports from the range of -P and "
+        "--nbd-ports. A VM folder is locked while its backup runs, so that a VM is never "
+        "backed up twice at once; a lock left by a killed run is taken over.",
+        "Every run and every VM's result, size, duration, throughput, exit code and "
+        "message go to the ledger ROOT/virtnbdfleet.sqlite. virtnbdfleet status prints "
+        "from it, per VM, the last good backup and the last failure. On SIGINT or SIGTERM "
+        "every running backup is stopped and cleans up as a single virtnbdbackup does; "
+        "the ledger records the jobs that were cut short and those never started.",
+        "Tags are read from the domain's metadata element in the namespace "
+        "urn:virtnbdbackup:fleet, e.g. <fleet><tag>nightly</tag></fleet>, set with virsh "
+        "metadata DOMAIN --uri urn:virtnbdbackup:fleet --key fleet --set XML.",
+    ),
 }
 
 FILES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -218,6 +250,14 @@ FILES: dict[str, tuple[tuple[str, str], ...]] = {
         ("INPUT/.virtnbdprune/", "Work folder of a merge; its journal.json commits it."),
         ("INPUT/.virtnbdbackup.lock", "Held while a prune or a backup works on the folder."),
     ),
+    "virtnbdfleet": (
+        ("ROOT/HOST/VM/PERIOD/", "A backup folder of virtnbdbackup, one per period."),
+        ("ROOT/HOST/VM/TIMESTAMP/", "A backup folder of level full or copy, one per run."),
+        ("ROOT/HOST/VM/.virtnbdbackup.lock", "The lock of the VM while its backup runs."),
+        ("ROOT/virtnbdfleet.sqlite", "The ledger: every run and every VM's result."),
+        ("ROOT/virtnbdfleet.logs/RUN/", "The run's log and each VM's virtnbdbackup output."),
+        ("/run/virtnbdfleet/ports/", "Locks of the NBD ports handed out to running jobs."),
+    ),
     "virtnbdmap": (
         ("INPUT/*.data.idx", "Extent index of each data file; rebuilt when missing or stale."),
         ("INPUT/vmconfig.IDENT.xml", "The domain XML --boot starts."),
@@ -228,9 +268,16 @@ FILES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+def all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The parser's options and those of its subcommands."""
+    return [a for p in [parser, *subparsers(parser)] for a in p._actions]
+
+
 def exit_status(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
     """The exit codes of cli.common.run_job, with the command's own --strict spelling."""
-    strict = next(("/".join(a.option_strings) for a in parser._actions if a.dest == "strict"), None)
+    strict = next(
+        ("/".join(a.option_strings) for a in all_actions(parser) if a.dest == "strict"), None
+    )
     usage = "an invalid command line, after the usage is printed."
     if strict:
         two = f"Finished, but warnings were logged and {strict} was given; also {usage}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -54,10 +55,20 @@ def test_refuses_a_folder_that_is_not_a_venv(tmp_path: Path) -> None:
 def test_builds_a_working_venv_and_runs_again(tmp_path: Path) -> None:
     """About 15 s: a venv, and a wheel of the package built offline."""
     target = tmp_path / "env"
+    units = tmp_path / "units"
+    env = {**os.environ, "SYSTEMD_UNIT_DIR": str(units)}  # as where systemd runs
     for _ in range(2):  # the second run reuses the venv and reinstalls
-        result = run(str(target), cwd=tmp_path)
+        result = run(str(target), cwd=tmp_path, env=env)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == f"venv: ready at {target}"
+        assert result.stdout.splitlines()[-1] == f"venv: ready at {target}"
+    service = (units / "virtnbdfleet.service").read_text()
+    assert f"ExecStart={target}/bin/virtnbdfleet backup -c /etc/virtnbdfleet.toml" in service
+    assert "@BINDIR@" not in service and "KillMode=mixed" in service
+    assert "OnCalendar=" in (units / "virtnbdfleet.timer").read_text()
+    (units / "virtnbdfleet.timer").write_text("[Timer]\nOnCalendar=hourly\n")  # the admin's own
+    result = run(str(target), cwd=tmp_path, env=env)
+    assert result.returncode == 0 and "written by someone else: left alone" in result.stderr
+    assert (units / "virtnbdfleet.timer").read_text() == "[Timer]\nOnCalendar=hourly\n"
     for command in COMMANDS:
         help_run = subprocess.run(
             [str(target / "bin" / command), "--help"], capture_output=True, text=True
