@@ -158,8 +158,15 @@ class Domain:
         cps = self._call("list checkpoints", self._dom.listAllCheckpoints, 0)
         return [cp.getName() for cp in cps]
 
-    def checkpoint_xml(self, name: str) -> str:
+    def checkpoint_xml(self, name: str, *, size: bool = False) -> str:
+        """The checkpoint's XML; with ``size`` the bytes changed since, per disk
+        (as 2.x saves it), where libvirt can tell."""
         cp = self._call(f"find checkpoint {name}", self._dom.checkpointLookupByName, name)
+        if size:
+            try:
+                return str(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE))
+            except libvirt.libvirtError as err:
+                log.info("checkpoint %s: no size information (%s)", name, _message(err))
         return self._call(f"read checkpoint {name}", cp.getXMLDesc, 0)
 
     def delete_checkpoint(self, name: str) -> None:
@@ -289,11 +296,15 @@ def backup_xml(
     return ET.tostring(root, encoding="unicode")
 
 
+CHECKPOINT_DESCRIPTION = "Backup checkpoint"  # what 2.x writes
+
+
 def checkpoint_xml(
     name: str, bitmap_disks: list[Disk], all_disks: list[Disk], created: int | None = None
 ) -> str:
     """A new checkpoint; with ``created`` (epoch), the minimal XML libvirt redefines."""
     root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "description").text = CHECKPOINT_DESCRIPTION
     ET.SubElement(root, "name").text = name
     if created is not None:
         ET.SubElement(root, "creationTime").text = str(created)

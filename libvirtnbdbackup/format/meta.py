@@ -31,6 +31,8 @@ class StreamMeta:
         return self.compressed is not False
 
     def to_json(self) -> dict[str, Any]:
+        # Keys in the order 2.47 writes them: its files and ours differ in no byte
+        # but the date.
         return {
             "virtualSize": self.virtual_size,
             "dataSize": self.data_size,
@@ -38,10 +40,10 @@ class StreamMeta:
             "diskName": self.disk_name,
             "diskFormat": self.disk_format,
             "checkpointName": self.checkpoint_name,
-            "parentCheckpoint": self.parent_checkpoint,
-            "incremental": self.incremental,
             "compressed": self.compressed,
             "compressionMethod": COMPRESSION_METHOD,
+            "parentCheckpoint": self.parent_checkpoint,
+            "incremental": self.incremental,
             "streamVersion": self.stream_version,
         }
 

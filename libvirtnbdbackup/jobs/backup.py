@@ -536,7 +536,7 @@ class BackupJob:
     def _save_checkpoint(self, domain: Domain, checkpoint: str) -> None:
         """Keep the checkpoint's XML (to redefine it) and append it to the chain."""
         make_private_dir(self.checkpoint_dir)
-        xml = domain.checkpoint_xml(checkpoint).encode()
+        xml = domain.checkpoint_xml(checkpoint, size=True).encode()
         write_atomic(self.checkpoint_dir / f"{checkpoint}.xml", xml)
         chain = [] if checkpoint == checkpoint_name(0) else read_chain(self.opts.cpt_file)
         cpt_name = self.opts.cpt_file.name

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
+import xml.etree.ElementTree as ET
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +218,38 @@ def test_syslog_option_sends_the_log_to_syslog(compat_vm: LabVM, tmp_path: Path)
     finally:
         server.close()
     assert any("backup finished" in m for m in messages), messages
+
+
+def test_saved_checkpoint_xml_has_247s_description_and_sizes(chain: Path) -> None:
+    for name in ("virtnbdbackup.0", "virtnbdbackup.1"):
+        root = ET.fromstring((chain / "checkpoints" / f"{name}.xml").read_text())
+        assert root.findtext("description") == "Backup checkpoint"
+        disks = root.findall("disks/disk")
+        assert [d.get("name") for d in disks] == ["vda"]
+        assert all(d.get("size", "").isdigit() for d in disks), ET.tostring(root)
+
+
+def test_zip_backup_entries_are_mode_644_with_real_dates(compat_vm: LabVM, tmp_path: Path) -> None:
+    work = tmp_path / "cwd"
+    work.mkdir()
+    archive = tmp_path / "backup.zip"
+    with open(archive, "wb") as fh:
+        proc = run_tool(
+            "virtnbdbackup",
+            "-d",
+            compat_vm.name,
+            "-l",
+            "copy",
+            "-o",
+            "-",
+            "-n",
+            cwd=work,
+            stdout=fh,
+        )
+    assert proc.returncode == 0, proc.stderr
+    today = time.localtime()[:3]
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+    assert {i.filename for i in infos} >= {"vda.copy.data", "vmconfig.copy.xml"}
+    assert all(i.external_attr >> 16 == 0o100644 for i in infos), infos
+    assert all(i.date_time[:3] == today for i in infos), infos

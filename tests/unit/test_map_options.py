@@ -75,9 +75,28 @@ def test_option_conflicts(
 def test_two_x_option_names_are_kept() -> None:
     parser = map_cli.build_parser()
     options = {o for action in parser._actions for o in action.option_strings}
-    for name in ["-f", "--file", "-d", "--device", "-e", "--export-name", "-t", "--threads",
-                 "-l", "--listen-address", "-p", "--listen-port", "-r", "--readonly", "-n",
-                 "--noprogress", "-v", "--verbose", "-V", "--version"]:
+    for name in [
+        "-f",
+        "--file",
+        "-d",
+        "--device",
+        "-e",
+        "--export-name",
+        "-t",
+        "--threads",
+        "-l",
+        "--listen-address",
+        "-p",
+        "--listen-port",
+        "-r",
+        "--readonly",
+        "-n",
+        "--noprogress",
+        "-v",
+        "--verbose",
+        "-V",
+        "--version",
+    ]:
         assert name in options
 
 
@@ -94,7 +113,12 @@ def test_kernel_nbd_device_attaches_and_detaches_with_qemu_nbd(
     nbd.stop()
     nbd.stop()  # a second stop does nothing
     assert ran[0] == [
-        "qemu-nbd", "--connect", str(device), "--format", "raw", "--read-only",
+        "qemu-nbd",
+        "--connect",
+        str(device),
+        "--format",
+        "raw",
+        "--read-only",
         "nbd+unix:///vda?socket=/s",
     ]
     assert ran[-1] == ["qemu-nbd", "--disconnect", str(device)]
