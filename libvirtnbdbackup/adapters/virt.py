@@ -233,6 +233,13 @@ class Domain:
             if node.get("checkpoint") == "bitmap"
         }
 
+    def allocation(self, target: str) -> int:
+        """Bytes the host stores for disk ``target``: what a full backup of
+        it writes, give or take the image's metadata (its backing images
+        not counted)."""
+        info = self._call(f"read the size of disk {target}", self._dom.blockInfo, target)
+        return int(info[1])
+
     def begin_backup(self, backup_xml: str, checkpoint_xml: str | None) -> None:
         self._call("start the backup job", self._dom.backupBegin, backup_xml, checkpoint_xml, 0)
 

@@ -7,6 +7,7 @@ logged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -41,6 +42,33 @@ class WarningCounter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.count += 1
+
+
+class LogFile(logging.FileHandler):
+    """The log file in the backup folder: when it cannot be written (the
+    target is full), one warning on the console, then the console only."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, delay=True)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        err = sys.exc_info()[1]
+        reason = getattr(err, "strerror", None) or err
+        with contextlib.suppress(OSError):
+            self.close()
+        logging.getLogger("virtnbdbackup").warning(
+            "cannot write the log file %s (%s): logging to the console only",
+            self.baseFilename,
+            reason,
+        )
 
 
 def add_common_args(
@@ -205,7 +233,7 @@ def setup_logging(
     console.setLevel(logging.ERROR if args.quiet else logging.NOTSET)
     root.addHandler(console)
     if log_file:
-        handler = logging.FileHandler(log_file)
+        handler = LogFile(log_file)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
         root.addHandler(handler)
     syslog_problem = None

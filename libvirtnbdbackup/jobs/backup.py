@@ -30,7 +30,15 @@ from ..adapters.virt import (
     checkpoint_xml,
     own_checkpoints,
 )
-from ..errors import DomainError, Interrupted, QemuToolError, SshError, UsageError
+from ..errors import (
+    DomainError,
+    Interrupted,
+    QemuToolError,
+    SshError,
+    TargetError,
+    UsageError,
+    VirtnbdError,
+)
 from ..interrupts import Cancel
 from ..targets.base import Target
 from ..targets.directory import write_atomic
@@ -92,6 +100,7 @@ class BackupJob:
         self.target = target
         self.cancel = cancel
         self._healed: set[str] = set()  # orphan bitmaps removed in this run
+        self._given_up: list[str] = []  # checkpoints of the previous chain removed
         self.pid = os.getpid()
         self.remote = Remote(opts.uri, opts.remote)
         self.host: Host = LOCAL
@@ -110,7 +119,16 @@ class BackupJob:
             self.host = self.remote.host()
             if self.host.is_remote:
                 log.info("domain %s runs on %s: files over SSH", domain.name, self.host.name)
-            return self._run(domain, self.opts.level)
+            try:
+                return self._run(domain, self.opts.level)
+            except BaseException as err:
+                if not self._given_up:
+                    raise
+                note = given_up_note(self._given_up)
+                if isinstance(err, VirtnbdError):
+                    raise type(err)(f"{err}; {note}") from None
+                log.warning("%s", note)
+                raise
         finally:
             self.host.close()
             hypervisor.close()
@@ -177,6 +195,7 @@ class BackupJob:
                     "hold; back up raw-only domains with -l copy"
                 )
             self._check_bitmap_support(bitmap_disks)
+            self._check_room(domain, disks)
             self._remove_checkpoints(domain)
         if step.since:
             log.info("saving the changes since checkpoint %s", step.since)
@@ -272,6 +291,31 @@ class BackupJob:
                     f"qemu-img amend -f qcow2 -o compat=1.1 {disk.path}"
                 )
 
+    def _check_room(self, domain: Domain, disks: list[Disk]) -> None:
+        """Refuse a full backup that cannot fit before it gives up the
+        previous chain's checkpoints (it must remove them first).
+
+        Only without compression, which makes the size unknown: then a full
+        target is still one clear error, which names what was given up.
+        """
+        previous = own_checkpoints(domain.checkpoint_names())
+        if not previous or self.opts.to_stdout or self.opts.compress is not None:
+            return
+        try:
+            need = sum(domain.allocation(d.target) for d in disks)
+            st = os.statvfs(self.opts.output)
+        except (DomainError, OSError) as err:
+            log.debug("free space not checked: %s", err)
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise TargetError(
+                f"{self.opts.output} has {free // 2**20} MiB free, but the disks to back up "
+                f"store {need // 2**20} MiB: this full backup would not fit, and it would "
+                f"first remove the checkpoints of the previous chain ({', '.join(previous)}); "
+                "nothing was changed: free space or choose another folder"
+            )
+
     def _chain_problem(self, domain: Domain, chain: list[str]) -> str | None:
         """Why an incremental backup on this chain would be wrong, or None.
 
@@ -328,6 +372,7 @@ class BackupJob:
         for name in own_checkpoints(domain.checkpoint_names()):
             log.info("removing checkpoint %s of the previous chain", name)
             domain.delete_checkpoint(name)
+            self._given_up.append(name)
         if self.checkpoint_dir.is_dir():
             for old in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}.*.xml"):
                 old.unlink()
@@ -567,6 +612,20 @@ class BackupJob:
                 log.info("removed checkpoint %s of the failed backup", checkpoint)
         except DomainError as err:
             log.warning("%s", err)
+
+
+def given_up_note(names: list[str]) -> str:
+    """What a failed full backup had given up: the checkpoints it removed
+    (libvirt cannot keep two checkpoints of one name, and every chain
+    starts at virtnbdbackup.0)."""
+    ordered = sorted(names, key=lambda n: int(n.rsplit(".", 1)[1]) if n[-1].isdigit() else -1)
+    listed = ordered[0] if len(ordered) == 1 else f"{ordered[0]} to {ordered[-1]}"
+    return (
+        f"before it failed, this full backup had removed the checkpoints of the previous "
+        f"chain ({listed}): that chain's backups still restore, but its folder can take no "
+        "further incremental backup (its next inc starts a new chain); free the cause and "
+        "take the full backup again"
+    )
 
 
 def _existing_bitmap(message: str) -> str | None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -23,7 +24,7 @@ from ..errors import Interrupted, NbdError, TargetError
 from ..format.index import FileIndex, index_path
 from ..format.meta import StreamMeta
 from ..format.writer import StreamWriter, piece_lengths
-from ..targets.base import Target
+from ..targets.base import DataSink, Target
 from .compresslanes import CompressionLanes
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,8 @@ class DiskBackup:
             disable=not self.progress,
         ) as bar:
             sink = self.target.open_data(self.plan.file_name)
+            chunks = self._chunks(regions, bar)
             try:
-                chunks = self._chunks(regions, bar)
                 index = None
                 if self.plan.raw_output:
                     written = self._write_raw(sink.file, regions, chunks)
@@ -181,9 +182,17 @@ class DiskBackup:
                         sink.file, regions, data_size, chunks, bar
                     )
                 sink.commit()
+            except OSError as err:
+                sink.abort()
+                raise TargetError(_write_failure(sink, err)) from None
             except BaseException:
                 sink.abort()
                 raise
+            finally:
+                # Now, not when the exception is collected (at interpreter
+                # exit, after the connection is gone): reads in flight end
+                # while their handle is still open.
+                chunks.close()
         if checksum is not None:
             self.target.write_file(f"{self.plan.file_name}.chksum", str(checksum).encode())
         if index is not None:
@@ -201,13 +210,19 @@ class DiskBackup:
             self.plan.target, self.plan.file_name, self.client.size, data_size, written, seconds
         )
 
-    def _chunks(self, regions: list[Region], bar: tqdm) -> Iterator[tuple[int, memoryview]]:
+    def _chunks(
+        self, regions: list[Region], bar: tqdm
+    ) -> Generator[tuple[int, memoryview], None, None]:
         ranges = [(r.offset, r.length) for r in regions if r.data]
-        for offset, data in self.client.read(ranges):
-            if self.cancel.is_set():
-                raise Interrupted(f"backup of disk {self.plan.target} interrupted")
-            bar.update(len(data))
-            yield offset, data
+        reads = self.client.read(ranges)
+        try:
+            for offset, data in reads:
+                if self.cancel.is_set():
+                    raise Interrupted(f"backup of disk {self.plan.target} interrupted")
+                bar.update(len(data))
+                yield offset, data
+        finally:
+            reads.close()
 
     def _write_stream(
         self,
@@ -282,6 +297,14 @@ class DiskBackup:
         except OSError as err:
             raise TargetError(f"cannot write {self.plan.file_name}: {err.strerror}") from None
         return written
+
+
+def _write_failure(sink: DataSink, err: OSError) -> str:
+    where = getattr(sink, "partial", None) or sink.name
+    message = f"cannot write {where}: {err.strerror or err}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        message += " (the backup target is full: free space or choose another folder)"
+    return message
 
 
 def _take(chunks: Iterator[tuple[int, memoryview]], region: Region) -> Iterator[memoryview]:

@@ -6,6 +6,7 @@ renamed, so a file with its final name is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -50,11 +51,15 @@ class PartialFile:
             os.rename(self.partial, self.path)
             fsync_dir(self.path.parent)
         except OSError as err:
+            self.abort()
             raise TargetError(f"cannot complete {self.path}: {err.strerror}") from None
 
     def abort(self) -> None:
-        self._fh.close()
-        self.partial.unlink(missing_ok=True)
+        # Closing flushes what is buffered, which fails again on a full disk.
+        with contextlib.suppress(OSError):
+            self._fh.close()
+        with contextlib.suppress(OSError):
+            self.partial.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, data: bytes, *, overwrite: bool = True) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +121,17 @@ def resume_to_end(proc: subprocess.Popen[str], expect: int = 0) -> str:
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == expect, err
     return err
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of ``mib`` MiB mounted at ``path``: a backup target that fills up."""
+    path.mkdir(parents=True, exist_ok=True)
+    sh("mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0755", "tmpfs", path)
+    try:
+        yield path
+    finally:
+        sh("umount", "-l", path)
 
 
 def backup_ok(vm: LabVM, out: Path, level: str, *args: str) -> str:
