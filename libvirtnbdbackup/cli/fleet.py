@@ -41,15 +41,19 @@ from ..jobs.fleetselect import Selection, parse_selectors
 from ..jobs.fleetstatus import VmStatus, fleet_status, human_age
 from ..jobs.remote import DEFAULT_TLS_DIR, RemoteOptions
 from ..targets.fleetledger import JobRow, Ledger
+from ..targets.private import create_private, make_private_dir
 from .common import (
     DATE_FORMAT,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_WARNINGS,
     LOG_FORMAT,
+    PASSWORD_ENV,
     WarningCounter,
     install_signal_handlers,
+    libvirt_password,
     setup_logging,
+    warn_command_line_password,
 )
 
 log = logging.getLogger("virtnbdfleet")
@@ -208,7 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Remote options", "For the hypervisors of -U; -c sets them per hypervisor."
     )
     remote.add_argument("--user", default=None, help="User to authenticate to libvirt with.")
-    remote.add_argument("--password", default=None, help="Password to authenticate with.")
+    remote.add_argument(
+        "--password",
+        default=None,
+        help="Password to authenticate with. Every user of this host sees it in the process "
+        f"list: prefer --password-file or ${PASSWORD_ENV}.",
+    )
+    remote.add_argument(
+        "--password-file",
+        default=None,
+        metavar="FILE",
+        help="Read the password from the first line of FILE. (default: "
+        f"${PASSWORD_ENV} if set) Each backup gets it in its environment, not its "
+        "command line.",
+    )
     remote.add_argument("--ssh-user", default=None, help="User to log in with over SSH.")
     remote.add_argument("--ssh-port", type=int, default=None, help="SSH port.")
     remote.add_argument(
@@ -303,7 +320,7 @@ def fleet_config(args: argparse.Namespace) -> FleetConfig:
                 uri=uri,
                 name=check_name("hypervisor name", default_host_name(uri)),
                 user=args.user,
-                password=args.password,
+                password=libvirt_password(args),
                 remote=RemoteOptions(
                     ssh_user=args.ssh_user,
                     ssh_port=args.ssh_port,
@@ -359,6 +376,7 @@ def check_freeze(config: FleetConfig) -> None:
 
 
 def add_log_file(path: Path) -> None:
+    create_private(path)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
     logging.getLogger().addHandler(handler)
@@ -367,6 +385,7 @@ def add_log_file(path: Path) -> None:
 def run_backup(args: argparse.Namespace) -> int:
     counter = setup_logging(args, None)
     cancel = install_signal_handlers("virtnbdfleet")
+    warn_command_line_password(args)
     try:
         config = fleet_config(args)
         assert config.output is not None
@@ -409,9 +428,9 @@ def _run(
     cancel: Cancel,
     counter: WarningCounter,
 ) -> int:
-    run_id = ledger.start_run(time.time(), sys.argv, config.jobs)
+    run_id = ledger.start_run(time.time(), redacted(sys.argv), config.jobs)
     runner = FleetRun(config, ledger, run_id, cancel)
-    runner.log_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(runner.log_dir)
     add_log_file(runner.log_dir / "fleet.log")
     log.info(
         "virtnbdfleet %s, run %d: %d VM(s) of %d hypervisor(s), %d at once; logs in %s",
@@ -434,6 +453,17 @@ def _run(
     ledger.close()
     (log.info if code == EXIT_OK else log.error)("%s", summary)
     return code
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """The command line for the ledger, without a --password."""
+    out = list(argv)
+    for i, word in enumerate(out):
+        if word == "--password" and i + 1 < len(out):
+            out[i + 1] = "***"
+        elif word.startswith("--password="):
+            out[i] = "--password=***"
+    return out
 
 
 def exit_code(

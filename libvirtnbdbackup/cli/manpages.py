@@ -209,7 +209,9 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
         "At most --jobs backups run at once, and at most --host-jobs per hypervisor. Each "
         "job of a remote hypervisor gets its own NBD ports from the range of -P and "
         "--nbd-ports. A VM folder is locked while its backup runs, so that a VM is never "
-        "backed up twice at once; a lock left by a killed run is taken over.",
+        "backed up twice at once; a lock left by a killed run is taken over. With a "
+        "[retention] table in the configuration, virtnbdprune applies its keep rules to "
+        "ROOT/HOST/VM after each good backup, while the VM folder is still locked.",
         "Every run and every VM's result, size, duration, throughput, exit code and "
         "message go to the ledger ROOT/virtnbdfleet.sqlite. virtnbdfleet status prints "
         "from it, per VM, the last good backup and the last failure. On SIGINT or SIGTERM "

@@ -30,8 +30,16 @@ from ..errors import VirtnbdError
 from ..targets.fleetledger import FAILED_STATES, Ledger
 from ..targets.fleetlocks import PortLease, PortPool, lock_vm_folder
 from ..targets.lock import FolderLock
+from ..targets.private import make_private_dir, open_private
 from .backupoptions import backup_set_files
-from .fleetconfig import FleetConfig, HypervisorConfig, VmSettings, check_name, period_name
+from .fleetconfig import (
+    FleetConfig,
+    HypervisorConfig,
+    Retention,
+    VmSettings,
+    check_name,
+    period_name,
+)
 
 log = logging.getLogger("virtnbdfleet")
 
@@ -39,9 +47,13 @@ LOG_DIR_NAME = "virtnbdfleet.logs"
 POLL_SECONDS = 0.1
 # How long children get to clean up after SIGTERM before they are killed.
 STOP_GRACE_SECONDS = 300
-# The console script's launcher: signal handlers first, as for a user's run.
+# The console scripts' launcher: signal handlers first, as for a user's run.
 BACKUP_COMMAND = ("-m", "libvirtnbdbackup.cli.launch", "virtnbdbackup")
+PRUNE_COMMAND = ("-m", "libvirtnbdbackup.cli.launch", "virtnbdprune")
 PR_SET_PDEATHSIG = 1
+# virtnbdbackup reads the libvirt password from there (cli/common.PASSWORD_ENV):
+# a password on its command line would be seen by every user in ps.
+PASSWORD_ENV = "VIRTNBDBACKUP_PASSWORD"
 
 
 @dataclass
@@ -189,8 +201,6 @@ def backup_command(job: PlannedJob, config: FleetConfig, port: int | None) -> li
         argv += ["--scratchdir", config.scratchdir]
     if host.user:
         argv += ["--user", host.user]
-    if host.password:
-        argv += ["--password", host.password]
     if host.is_remote:
         r = host.remote
         for option, value in (
@@ -206,6 +216,15 @@ def backup_command(job: PlannedJob, config: FleetConfig, port: int | None) -> li
         if r.tls:
             argv += ["--tls", "--tls-cert", r.tls_cert]
     return argv + list(s.args)
+
+
+def child_env(host: HypervisorConfig) -> dict[str, str]:
+    """The environment of a job's processes: this one's, with the hypervisor's password."""
+    env = dict(os.environ)
+    env.pop(PASSWORD_ENV, None)
+    if host.password is not None:
+        env[PASSWORD_ENV] = host.password
+    return env
 
 
 def folder_bytes(folder: Path) -> int:
@@ -249,6 +268,13 @@ def last_message(log_path: Path, level: str) -> str | None:
 
 
 @dataclass
+class Outcome:
+    label: str
+    state: str
+    message: str
+
+
+@dataclass
 class Running:
     job: PlannedJob
     row: int
@@ -259,13 +285,8 @@ class Running:
     bytes_before: int
     log_path: Path
     terminated_at: float | None = None
-
-
-@dataclass
-class Outcome:
-    label: str
-    state: str
-    message: str
+    phase: str = "backup"  # then "prune" when retention rules are set
+    outcome: Outcome | None = None  # of the backup, once it ended
 
 
 class FleetRun:
@@ -313,7 +334,7 @@ class FleetRun:
             self.outcomes.append(Outcome(failure.host.name, "failed", failure.message))
 
     def run(self, jobs: list[PlannedJob]) -> list[Outcome]:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.log_dir)
         pending = list(jobs)
         running: list[Running] = []
         per_host: Counter[str] = Counter()
@@ -342,8 +363,10 @@ class FleetRun:
                         job.proc.kill()
                     continue
                 running.remove(job)
-                per_host[job.job.host.name] -= 1
-                self._finish(job)
+                if self._finish(job):
+                    running.append(job)  # its retention runs now, in the same slot
+                else:
+                    per_host[job.job.host.name] -= 1
             if pending or running:
                 time.sleep(POLL_SECONDS)
         return self.outcomes
@@ -402,7 +425,7 @@ class FleetRun:
     def _start(self, job: PlannedJob, lease: PortLease | None) -> Running:
         lock = lock_vm_folder(job.vm_folder, f"virtnbdfleet run {self.run_id}")
         try:
-            job.folder.mkdir(parents=True, exist_ok=True)
+            make_private_dir(job.folder)
             # Decided again under the lock: another run may have filled the folder.
             job.folder, job.period, job.level = self._refreshed(job)
             port = lease.first if lease else None
@@ -417,11 +440,13 @@ class FleetRun:
                 log=str(log_path),
                 nbd_port=port,
             )
-            with open(log_path, "ab") as out:
+            log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            with os.fdopen(log_fd, "ab") as out:
                 out.write(f"# {' '.join(argv[1:])}\n".encode())
                 out.flush()
                 proc = subprocess.Popen(
                     argv,
+                    env=child_env(job.host),
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=out,
@@ -453,7 +478,11 @@ class FleetRun:
             job.terminated_at = self.clock()
             log.warning("%s: stopping its backup", job.job.label)
 
-    def _finish(self, job: Running) -> None:
+    def _finish(self, job: Running) -> bool:
+        """Record the end of a job's process; True when its next phase started."""
+        if job.phase == "prune":
+            self._finish_prune(job)
+            return False
         ended = self.clock()
         code = job.proc.returncode
         duration = max(ended - job.started, 1e-6)
@@ -482,9 +511,9 @@ class FleetRun:
             exit_code=code,
             message=message,
         )
-        job.lock.release()
         if job.lease is not None:
             job.lease.release()
+            job.lease = None
         if state in ("ok", "warning"):
             log.info(
                 "%s: %s, %s in %.1f s (%.1f MiB/s)%s",
@@ -501,7 +530,72 @@ class FleetRun:
             log.error(
                 "%s: failed (exit %s): %s; log: %s", job.job.label, code, message, job.log_path
             )
-        self.outcomes.append(Outcome(job.job.label, state, message))
+        job.outcome = Outcome(job.job.label, state, message)
+        retention = self.config.retention
+        if state in ("ok", "warning") and retention is not None and not self.cancel.is_set():
+            try:
+                self._start_prune(job, retention)
+                return True
+            except OSError as err:
+                self._record_prune(job, "failed", f"cannot start virtnbdprune: {err}")
+        job.lock.release()
+        self.outcomes.append(job.outcome)
+        return False
+
+    def _start_prune(self, job: Running, retention: Retention) -> None:
+        """virtnbdprune on ROOT/HOST/VM, the VM folder still locked by this run."""
+        host = job.job.host
+        argv = [sys.executable, *PRUNE_COMMAND, "-i", str(job.job.vm_folder)]
+        argv += [*retention.prune_args(), "-U", host.uri, "-n", "--strict"]
+        if host.user:
+            argv += ["--user", host.user]
+        log_fd = open_private(job.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        with os.fdopen(log_fd, "ab") as out:
+            out.write(f"# {' '.join(argv[1:])}\n".encode())
+            out.flush()
+            job.proc = subprocess.Popen(
+                argv,
+                env=child_env(host),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # safe: the scheduler is one thread
+            )
+        job.phase = "prune"
+        log.info("%s: retention: %s", job.job.label, " ".join(retention.prune_args()))
+
+    def _finish_prune(self, job: Running) -> None:
+        code = job.proc.returncode
+        error = last_message(job.log_path, "ERROR")
+        if code == 0:
+            state, message = "ok", "pruned"
+        elif job.terminated_at is not None:
+            state, message = "interrupted", f"stopped by SIGINT/SIGTERM: {error or code}"
+        elif code == 2 and error is not None and error.endswith("--strict given"):
+            state = "warning"
+            message = last_message(job.log_path, "WARNING") or error
+        else:
+            state = "failed"
+            message = error or last_line(job.log_path) or f"virtnbdprune exited {code}"
+        self._record_prune(job, state, message)
+        job.lock.release()
+        assert job.outcome is not None
+        self.outcomes.append(job.outcome)
+        if state in ("failed", "interrupted"):
+            # The backup is good; the run still failed to apply the rules.
+            self.outcomes.append(Outcome(job.job.label, state, f"retention: {message}"))
+        elif state == "warning":
+            self.outcomes.append(Outcome(job.job.label, "warning", f"retention: {message}"))
+
+    def _record_prune(self, job: Running, state: str, message: str) -> None:
+        self.ledger.update_job(job.row, prune_state=state, prune_message=message)
+        if state == "ok":
+            log.info("%s: retention applied", job.job.label)
+        else:
+            (log.warning if state == "warning" else log.error)(
+                "%s: retention %s: %s; log: %s", job.job.label, state, message, job.log_path
+            )
 
 
 def human_bytes(size: float) -> str:

@@ -13,7 +13,8 @@ more::
     select = ["web*", "re:^db[0-9]+$", "tag:nightly"]
     exclude = ["*-scratch"]
 
-    [retention]               # rules of virtnbdprune, applied after each VM's backup
+    [retention]               # virtnbdprune's keep rules, applied after each VM's backup
+    keep_daily = 7
     keep_monthly = 6
 
     [[hypervisor]]
@@ -48,6 +49,7 @@ from typing import Any
 from ..adapters.nbdclient import DEFAULT_PORT
 from ..errors import UsageError
 from .fleetselect import Selection, parse_selectors
+from .keeprules import parse_duration as parse_keep_within
 from .remote import DEFAULT_TLS_DIR, LibvirtUri, RemoteOptions
 
 if sys.version_info >= (3, 11):
@@ -119,6 +121,28 @@ class VmSettings:
         return dataclasses.replace(self, **dict(values))
 
 
+RETENTION_COUNTS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """virtnbdprune's keep rules, run on ROOT/HOST/VM after each good backup."""
+
+    counts: tuple[tuple[str, int], ...] = ()  # (keep_daily, 7), ...
+    within: str | None = None  # keep_within, in virtnbdprune's units (m: months)
+    verify: bool = False
+
+    def prune_args(self) -> list[str]:
+        args = []
+        for key, value in self.counts:
+            args += ["--" + key.replace("_", "-"), str(value)]
+        if self.within:
+            args += ["--keep-within", self.within]
+        if self.verify:
+            args.append("--verify")
+        return args
+
+
 @dataclass(frozen=True)
 class HypervisorConfig:
     uri: str
@@ -145,7 +169,7 @@ class FleetConfig:
     host_jobs: int | None = None
     defaults: VmSettings = field(default_factory=VmSettings)
     vms: dict[str, Mapping[str, Any]] = field(default_factory=dict)
-    retention: dict[str, Any] = field(default_factory=dict)
+    retention: Retention | None = None
     scratchdir: str | None = None
     strict: bool = False
 
@@ -309,7 +333,7 @@ def _hypervisor(where: str, data: Mapping[str, Any]) -> HypervisorConfig:
         uri=uri,
         name=name,
         user=table.text("user"),
-        password=table.text("password"),
+        password=_password(table),
         remote=remote,
         nbd_ports=table.number("nbd_ports", 1, 65535) or DEFAULT_NBD_PORTS,
         host_jobs=table.number("host_jobs", 1, 1024),
@@ -318,6 +342,42 @@ def _hypervisor(where: str, data: Mapping[str, Any]) -> HypervisorConfig:
     )
     table.finish()
     return host
+
+
+def _password(table: _Table) -> str | None:
+    """``password``, else the first line of ``password_file``."""
+    password = table.text("password")
+    path = table.text("password_file")
+    if password is None and path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.readline().rstrip("\r\n")
+        except OSError as err:
+            raise UsageError(f"{table.where}: password_file {path}: {err.strerror}") from None
+    return password
+
+
+def _retention(top: _Table) -> Retention | None:
+    data = top._get("retention", (dict,), "a table")
+    if data is None:
+        return None
+    table = _Table(f"{top.where}: retention", data)
+    counts = []
+    for key in RETENTION_COUNTS:
+        value = table.number(key, 0, 1_000_000)
+        if value:
+            counts.append((key, value))
+    within = table.text("keep_within")
+    if within is not None:
+        parse_keep_within(within)  # refused here rather than after the first backup
+    retention = Retention(tuple(counts), within, bool(table.flag("verify")))
+    table.finish()
+    if not counts and not within:
+        raise UsageError(
+            f"{table.where}: no keep rule; give keep_last, keep_daily, keep_weekly, "
+            "keep_monthly, keep_yearly or keep_within (or leave out [retention])"
+        )
+    return retention
 
 
 def load_config(path: Path) -> FleetConfig:
@@ -339,7 +399,7 @@ def load_config(path: Path) -> FleetConfig:
     )
     config.defaults = VmSettings().updated(_vm_settings(table))
     config.vms = dict(_vm_tables(f"{path}: vm", table.tables("vm")))
-    config.retention = dict(table._get("retention", (dict,), "a table") or {})
+    config.retention = _retention(table)
     config.hypervisors = [
         _hypervisor(f"{path}: hypervisor #{i + 1}", data)
         for i, data in enumerate(table.table_list("hypervisor"))

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TargetError
+from .private import create_private
 
 LEDGER_NAME = "virtnbdfleet.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # ok: exit 0; warning: exit 2 (warnings logged); failed: any other exit, or
 # the job could not start; interrupted: stopped by SIGINT/SIGTERM mid-way;
@@ -63,7 +64,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     message TEXT,
     log TEXT,
-    nbd_port INTEGER
+    nbd_port INTEGER,
+    prune_state TEXT,
+    prune_message TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_vm ON jobs (hypervisor, vm, id);
 """
@@ -92,6 +95,8 @@ class JobRow:
     message: str | None
     log: str | None
     nbd_port: int | None
+    prune_state: str | None  # ok, warning, failed, interrupted; None: no retention ran
+    prune_message: str | None
 
     @property
     def good(self) -> bool:
@@ -138,20 +143,37 @@ class Ledger:
                 "with this -o first"
             )
         try:
+            if create:
+                create_private(self.path)  # SQLite gives its journal the same mode
             self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise TargetError(
-                    f"{self.path} was written by a newer virtnbdfleet (schema {version}); "
-                    "update this one"
-                )
-            if version < SCHEMA_VERSION:
-                self._db.executescript(
-                    f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                )
-        except sqlite3.Error as err:
+            if self._version() != SCHEMA_VERSION:
+                self._upgrade()
+        except (sqlite3.Error, OSError) as err:
             raise TargetError(f"cannot use the fleet ledger {self.path}: {err}") from None
+
+    def _version(self) -> int:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise TargetError(
+                f"{self.path} was written by a newer virtnbdfleet (schema {version}); "
+                "update this one"
+            )
+        return version
+
+    def _upgrade(self) -> None:
+        """Create the tables, or add what a ledger of an older version lacks."""
+        with self._transaction():  # one process at a time; the others then see it done
+            version = self._version()
+            if version == 0:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            elif version == 1:  # the first release had no retention columns
+                self._db.execute("ALTER TABLE jobs ADD COLUMN prune_state TEXT")
+                self._db.execute("ALTER TABLE jobs ADD COLUMN prune_message TEXT")
+            if version != SCHEMA_VERSION:
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()

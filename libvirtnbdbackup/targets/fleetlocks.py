@@ -14,13 +14,14 @@ from pathlib import Path
 
 from ..errors import FolderLocked, TargetError
 from .lock import FolderLock
+from .private import make_private_dir
 
 PORT_LOCK_DIR = Path("/run/virtnbdfleet/ports")
 
 
 def lock_vm_folder(folder: Path, purpose: str) -> FolderLock:
     """The lock of one VM's folder; FolderLocked when another run holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_dir(folder)  # it holds the VM's backups
     return FolderLock(folder, purpose).acquire()
 
 

@@ -438,3 +438,38 @@ def test_sigterm_stops_every_job_and_records_what_was_cut_short(
         f"localhost/{busy_vm.name}",
         f"localhost/{web1.name}",
     }
+
+
+def test_retention_rules_run_after_each_backup(lab: Lab, tmp_path: Path) -> None:
+    """keep_last = 2 over a full and two incs: the full and the first inc are
+    merged into one full by virtnbdprune, which the next inc continues."""
+    vm = lab.local["mail"]
+    root = tmp_path / "root"
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        f'output = "{root}"\nselect = ["{vm.name}"]\n\n[retention]\nkeep_last = 2\n'
+    )
+
+    def at(day: int) -> None:
+        env = {**os.environ, "VIRTNBDFLEET_NOW": f"2026-11-{day:02d}T10:00:00"}
+        proc = fleet("backup", "-c", config, env=env)
+        assert proc.returncode == 0, proc.stderr
+
+    at(5)
+    hmp_io(vm, "vda", "write -P 0x61 10M 1M")
+    at(6)
+    hmp_io(vm, "vda", "write -P 0x62 30M 1M")
+    at(7)
+    folder = root / "localhost" / vm.name / "2026-11"
+    rows = ledger_rows(root)
+    assert [(r["level"], r["state"], r["prune_state"]) for r in rows] == [
+        ("full", "ok", "ok"), ("inc", "ok", "ok"), ("inc", "ok", "ok"),
+    ]  # fmt: skip
+    assert sorted(p.name for p in folder.glob("*.data")) == [
+        "vda.full.data",
+        "vda.inc.virtnbdbackup.2.data",
+    ], "the full and the first inc were merged"
+    hmp_io(vm, "vda", "write -P 0x63 50M 1M")
+    at(8)  # the chain goes on from the merged full
+    assert (folder / "vda.inc.virtnbdbackup.3.data").is_file()
+    assert_restores(vm, folder, tmp_path / "restored")

@@ -10,19 +10,30 @@ from pathlib import Path
 import pytest
 
 from libvirtnbdbackup.adapters.virt import DomainSummary, fleet_tags
-from libvirtnbdbackup.cli.fleet import build_parser, exit_code, fleet_config
+from libvirtnbdbackup.cli.common import PASSWORD_ENV as COMMON_PASSWORD_ENV
+from libvirtnbdbackup.cli.fleet import build_parser, exit_code, fleet_config, redacted
+from libvirtnbdbackup.cli.prune import build_parser as prune_parser
 from libvirtnbdbackup.errors import FolderLocked, TargetError, UsageError
-from libvirtnbdbackup.jobs.fleet import Outcome, job_folder, plan_jobs, retry_set
+from libvirtnbdbackup.jobs.fleet import (
+    PASSWORD_ENV,
+    Outcome,
+    backup_command,
+    child_env,
+    job_folder,
+    plan_jobs,
+    retry_set,
+)
 from libvirtnbdbackup.jobs.fleetconfig import (
     FleetConfig,
     HypervisorConfig,
+    Retention,
     VmSettings,
     load_config,
     parse_duration,
     period_name,
 )
 from libvirtnbdbackup.jobs.fleetselect import Selection, parse_selector, parse_selectors
-from libvirtnbdbackup.targets.fleetledger import Ledger
+from libvirtnbdbackup.targets.fleetledger import SCHEMA, Ledger
 from libvirtnbdbackup.targets.fleetlocks import PortPool, lock_vm_folder
 
 
@@ -159,7 +170,8 @@ def test_configuration_file(tmp_path: Path) -> None:
         level="diff", period="daily", compress=None, exclude_disks=("vdb",)
     )
     assert config.settings_for(hv1, "other") == VmSettings(period="weekly", compress=2)
-    assert config.retention == {"keep_last": 3}
+    assert config.retention == Retention((("keep_last", 3),))
+    assert config.retention.prune_args() == ["--keep-last", "3"]
 
 
 @pytest.mark.parametrize(
@@ -178,6 +190,11 @@ def test_configuration_file(tmp_path: Path) -> None:
         ),
         ("[vm.a]\nfreez = ['/']", "vm.a: unknown setting(s) freez"),
         ("jobs = ", "is not valid TOML"),
+        ("[retention]\nverify = true", "no keep rule"),
+        ("[retention]\nkeep_hourly = 2", "unknown setting(s) keep_hourly"),
+        ("[retention]\nkeep_within = '2x'", "duration '2x' is not understood"),
+        ("[[hypervisor]]\nuri = 'qemu:///system'\npassword_file = '/nonexistent/pw'",
+         "password_file /nonexistent/pw"),
     ],
 )
 def test_configuration_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -327,3 +344,60 @@ def test_the_example_configuration_loads() -> None:
     assert [h.name for h in config.hypervisors] == ["backup1", "hv1"]
     assert config.settings_for(config.hypervisors[1], "db1").level == "diff"
     assert config.settings_for(config.hypervisors[0], "webvm").exclude_disks == ("vdb",)
+
+
+def test_retention_rules_become_prune_options(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        "[retention]\nkeep_daily = 7\nkeep_monthly = 6\nkeep_within = '14d'\nverify = true\n"
+    )
+    retention = load_config(path).retention
+    assert retention is not None
+    assert retention.prune_args() == [
+        "--keep-daily", "7", "--keep-monthly", "6", "--keep-within", "14d", "--verify",
+    ]  # fmt: skip
+    prune = prune_parser().parse_args(["-i", "x", *retention.prune_args()])
+    assert (prune.keep_daily, prune.keep_monthly, prune.keep_within) == (7, 6, "14d")
+
+
+def test_password_reaches_the_backups_through_their_environment(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\nignored\n")
+    path = tmp_path / "fleet.toml"
+    path.write_text(f"[[hypervisor]]\nuri = 'qemu+ssh://hv/system'\npassword_file = '{secret}'\n")
+    host = load_config(path).hypervisors[0]
+    assert host.password == "s3cret"
+    assert child_env(host)[PASSWORD_ENV] == "s3cret" and PASSWORD_ENV == COMMON_PASSWORD_ENV
+    job = plan_jobs(
+        FleetConfig(output=tmp_path, hypervisors=[host], selection=Selection(select_all=True)),
+        datetime(2026, 11, 5),
+        connect=lambda h: [summary("vm1")],
+    ).jobs[0]
+    argv = backup_command(job, FleetConfig(output=tmp_path), 10809)
+    assert "s3cret" not in argv and "--password" not in argv
+    assert argv[argv.index("-P") + 1] == "10809"
+    assert redacted(["virtnbdfleet", "--password", "x", "--password=y"]) == [
+        "virtnbdfleet", "--password", "***", "--password=***",
+    ]  # fmt: skip
+
+
+def test_a_first_release_ledger_gets_the_retention_columns(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "virtnbdfleet.sqlite")
+    old = SCHEMA.replace("    prune_state TEXT,\n    prune_message TEXT\n", "")
+    old = old.replace("nbd_port INTEGER,", "nbd_port INTEGER")
+    db.executescript(old + "PRAGMA user_version = 1;")
+    db.execute(
+        "INSERT INTO runs (started, state, pid, node, argv, jobs_limit) "
+        "VALUES (1, 'done', 1, 'n', '[]', 1)"
+    )
+    db.execute(
+        "INSERT INTO jobs (run_id, hypervisor, uri, vm, state, started) "
+        "VALUES (1, 'h', 'u', 'vm1', 'ok', 1)"
+    )
+    db.commit()
+    db.close()
+    ledger = Ledger(tmp_path)
+    (row,) = ledger.jobs()
+    assert (row.vm, row.state, row.prune_state) == ("vm1", "ok", None)
+    ledger.update_job(row.id, prune_state="ok")
+    assert ledger.jobs()[0].prune_state == "ok"
