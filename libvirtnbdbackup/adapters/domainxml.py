@@ -156,3 +156,14 @@ def adjust_config(
         if elem is not None and elem.text and elem.text.strip() in boot:
             elem.text = boot[elem.text.strip()]
     return ET.tostring(root, encoding="unicode")
+
+
+def qemu_owner(domain_xml: str) -> str | None:
+    """``UID:GID`` (or ``USER:GROUP``) QEMU runs as, from the DAC label of a
+    running domain's XML; None when libvirt reports none."""
+    root = ET.fromstring(domain_xml)
+    for label in root.findall("./seclabel[@model='dac']/label"):
+        text = (label.text or "").strip()
+        if ":" in text:
+            return ":".join(part.lstrip("+") for part in text.split(":", 1))
+    return None

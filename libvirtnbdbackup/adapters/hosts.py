@@ -6,9 +6,13 @@ and a remote backup or restore share one code path.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
-from typing import BinaryIO, Protocol
+import tempfile
+from collections.abc import Callable
+from typing import Any, BinaryIO, Protocol
 
 from ..targets.private import (
     PRIVATE_DIR,
@@ -17,6 +21,8 @@ from ..targets.private import (
     open_private,
     restrict,
 )
+
+SCRATCH_PREFIX = "virtnbdbackup."
 
 
 class Host(Protocol):
@@ -47,6 +53,15 @@ class Host(Protocol):
 
     def restrict(self, path: str) -> None:
         """Take group and other access from a file (one qemu-img created)."""
+        ...
+
+    def make_scratch_dir(self, parent: str, owner: str | None) -> str:
+        """A new folder of unpredictable name in ``parent``, mode 0700, given
+        to ``owner`` (``UID:GID``, QEMU's user, which creates files in it)."""
+        ...
+
+    def remove_tree(self, path: str) -> None:
+        """Remove a folder and what it holds; a missing one is no error."""
         ...
 
     def commit(self, partial: str, final: str) -> None:
@@ -102,6 +117,16 @@ class LocalHost:
     def restrict(self, path: str) -> None:
         restrict(path)
 
+    def make_scratch_dir(self, parent: str, owner: str | None) -> str:
+        folder = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
+        if owner and os.geteuid() == 0:
+            user, _, group = owner.partition(":")
+            os.chown(folder, _id(user, pwd.getpwnam), _id(group, grp.getgrnam))
+        return folder
+
+    def remove_tree(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
     def commit(self, partial: str, final: str) -> None:
         _fsync(partial)
         os.rename(partial, final)
@@ -123,6 +148,10 @@ class LocalHost:
         with _open_private(partial) as fh:
             fh.write(data)
         self.commit(partial, path)
+
+
+def _id(name: str, lookup: Callable[[str], Any]) -> int:
+    return int(name) if name.isdigit() else int(lookup(name)[2])
 
 
 def _umask() -> int:

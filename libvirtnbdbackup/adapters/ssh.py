@@ -103,6 +103,19 @@ class SshHost:
     def restrict(self, path: str) -> None:
         self._run(["chmod", "go=", "--", path], f"restrict access to {path}")
 
+    def make_scratch_dir(self, parent: str, owner: str | None) -> str:
+        script = (
+            'd=$(mktemp -d "$1/$2XXXXXXXXXX") && { [ -z "$3" ] || chown "$3" "$d"; } && echo "$d"'
+        )
+        proc = self._run(
+            ["sh", "-c", script, "sh", parent, "virtnbdbackup.", owner or ""],
+            f"create a scratch folder in {parent}",
+        )
+        return proc.stdout.decode().strip()
+
+    def remove_tree(self, path: str) -> None:
+        self._run(["rm", "-rf", "--", path], f"remove {path}")
+
     def commit(self, partial: str, final: str) -> None:
         self._run(["sh", "-c", _COMMIT, "sh", partial, final], f"complete {final}")
 

@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt.add_argument(
         "--scratchdir",
-        default="/var/tmp",
-        help="Folder for the backup job's scratch files. (default: %(default)s)",
+        default=None,
+        help="Folder for the backup job's scratch files, named as by 2.47. (default: a fresh "
+        "folder in /var/tmp that only QEMU's user and root can enter)",
     )
     opt.add_argument("-i", "--include", default=None, help="Back up only these disks (-i vda,vdb).")
     opt.add_argument("-x", "--exclude", default=None, help="Leave out these disks (-x vda,vdb).")
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-f",
         "--socketfile",
         default=None,
-        help="Unix socket for the NBD server. (default: SCRATCHDIR/virtnbdbackup.PID)",
+        help="Unix socket for the NBD server. (default: in the fresh scratch folder, or "
+        "SCRATCHDIR/virtnbdbackup.PID with --scratchdir)",
     )
     opt.add_argument(
         "--no-sparse-detection",

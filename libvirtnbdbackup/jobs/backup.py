@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import qemu
-from ..adapters.domainxml import Disk, boot_files, parse_disks, select_disks
+from ..adapters.domainxml import Disk, boot_files, parse_disks, qemu_owner, select_disks
 from ..adapters.hosts import LOCAL, Host
 from ..adapters.nbdclient import ALLOCATION_CONTEXT, NbdAddress, NbdClient, bitmap_context
 from ..adapters.nbdinfo import map_extents
@@ -44,7 +44,7 @@ from ..targets.base import Target
 from ..targets.directory import write_atomic
 from ..targets.lock import LOCK_NAME
 from ..targets.private import make_private_dir
-from .backupoptions import BackupOptions
+from .backupoptions import DEFAULT_SCRATCH_PARENT, BackupOptions
 from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain, read_merged
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
 from .remote import Remote
@@ -104,6 +104,7 @@ class BackupJob:
         self.pid = os.getpid()
         self.remote = Remote(opts.uri, opts.remote)
         self.host: Host = LOCAL
+        self._scratch: str | None = None  # this run's scratch folder, once made
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -130,6 +131,8 @@ class BackupJob:
                 log.warning("%s", note)
                 raise
         finally:
+            if self._scratch is not None:
+                self.host.remove_tree(self._scratch)
             self.host.close()
             hypervisor.close()
 
@@ -203,17 +206,18 @@ class BackupJob:
             new_checkpoint = checkpoint_xml(step.create, bitmap_disks, all_disks)
             log.info("creating checkpoint %s", step.create)
 
-        scratch = {
-            d.target: f"{self.opts.scratch_dir}/backup.{domain.name}.{d.target}.{self.pid}"
-            for d in disks
-        }
-        self.host.makedirs(self.opts.scratch_dir)
+        if self.opts.scratch_dir:  # given: as 2.47 names them
+            folder, suffix = self.opts.scratch_dir, f".{self.pid}"
+            self.host.makedirs(folder)
+        else:
+            folder, suffix = self._scratch_folder(domain_xml), ""
+        scratch = {d.target: f"{folder}/backup.{domain.name}.{d.target}{suffix}" for d in disks}
         bind = None
         if self.remote.is_remote:
             server = self.remote.nbd_address()
             bind = self.remote.bind_address()
         else:
-            socket = self.opts.socket_file or f"{self.opts.scratch_dir}/virtnbdbackup.{self.pid}"
+            socket = self.opts.socket_file or f"{folder}/virtnbdbackup{suffix or '.sock'}"
             server = NbdAddress(socket=socket)
         job_xml = backup_xml(disks, all_disks, server, scratch, step.since, bind)
         log.info("starting backup job, NBD server %s", server)
@@ -279,6 +283,25 @@ class BackupJob:
             raise
         self._stop_job(domain)
         return results
+
+    def _scratch_folder(self, domain_xml: str) -> str:
+        """This run's fresh folder for the job's socket and scratch files.
+
+        QEMU creates both, so the folder belongs to QEMU's user (mode 0700:
+        root and that user enter it, nobody else); its name cannot be
+        guessed, so no other user can take it first. Removed by ``run``.
+        """
+        if self._scratch is None:
+            owner = qemu_owner(domain_xml)
+            self._scratch = self.host.make_scratch_dir(DEFAULT_SCRATCH_PARENT, owner)
+            log.info(
+                "scratch files and NBD socket in %s, a fresh folder only QEMU's user (%s) "
+                "and root can enter (2.47 used fixed names in %s; --scratchdir restores that)",
+                self._scratch,
+                owner or "this user",
+                DEFAULT_SCRATCH_PARENT,
+            )
+        return self._scratch
 
     def _check_bitmap_support(self, disks: list[Disk]) -> None:
         """qcow2 v2 (compat 0.10) images cannot store dirty bitmaps."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import UsageError
 from .remote import RemoteOptions
 
+DEFAULT_SCRATCH_PARENT = "/var/tmp"
 # Files whose presence means the folder already holds a backup set.
 BACKUP_SET_PATTERNS = ("*.data", "*.data.partial", "*.cpt", "vmconfig.*.xml")
 
@@ -25,7 +26,7 @@ class BackupOptions:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     checkpoint_dir: str | None = None
-    scratch_dir: str = "/var/tmp"
+    scratch_dir: str | None = None  # None: a fresh folder in DEFAULT_SCRATCH_PARENT
     socket_file: str | None = None
     compress: int | None = None
     workers: int | None = None

@@ -61,7 +61,8 @@ def assert_vm_untouched(vm: LabVM) -> None:
     assert vm.state() == libvirt.VIR_DOMAIN_RUNNING
     assert not vm.has_job()
     assert vm.checkpoints() == []
-    assert not list(Path("/var/tmp").glob(f"backup.{vm.name}.*")), "scratch files left behind"
+    for pattern in (f"backup.{vm.name}.*", f"virtnbdbackup.*/backup.{vm.name}.*"):
+        assert not list(Path("/var/tmp").glob(pattern)), "scratch files left behind"
 
 
 def command(kind: str, vm: LabVM, full_set: Path, tmp_path: Path) -> list[str | Path]:
