@@ -8,6 +8,7 @@ compressed here as its bytes arrive (``data``), or arrives compressed
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterable
 from typing import BinaryIO
 
@@ -111,7 +112,11 @@ class ChecksumWriter:
         self.adler32 = 1
         self.written = 0
         self.head = bytearray()
-        self.tail = bytearray()
+        # The last writes, together at least FINGERPRINT_SPAN bytes: bytes
+        # objects by reference (compressed parts, many per piece), the end of
+        # any other buffer copied, as the caller may reuse it.
+        self._last: deque[bytes] = deque()
+        self._last_size = 0
 
     def write(self, data: Buffer) -> None:
         self.raw.write(data)
@@ -119,11 +124,16 @@ class ChecksumWriter:
         self.written += len(data)
         if len(self.head) < FINGERPRINT_SPAN:
             self.head += memoryview(data)[: FINGERPRINT_SPAN - len(self.head)]
-        if len(data) >= FINGERPRINT_SPAN:
-            self.tail = bytearray(memoryview(data)[-FINGERPRINT_SPAN:])
-        else:
-            self.tail += data
-            del self.tail[: max(0, len(self.tail) - FINGERPRINT_SPAN)]
+        kept = data if isinstance(data, bytes) else bytes(memoryview(data)[-FINGERPRINT_SPAN:])
+        self._last.append(kept)
+        self._last_size += len(kept)
+        while self._last_size - len(self._last[0]) >= FINGERPRINT_SPAN:
+            self._last_size -= len(self._last.popleft())
+
+    @property
+    def tail(self) -> bytes:
+        """The last ``FINGERPRINT_SPAN`` bytes written."""
+        return b"".join(self._last)[-FINGERPRINT_SPAN:]
 
 
 class StreamWriter:
@@ -263,7 +273,7 @@ class StreamWriter:
         return FileIndex(
             data_file=file_name,
             file_size=self._out.written,
-            fingerprint=fingerprint_of(bytes(self._out.head), bytes(self._out.tail)),
+            fingerprint=fingerprint_of(bytes(self._out.head), self._out.tail),
             virtual_size=self._meta.virtual_size,
             compressed=self._level is not None,
             extents=extents,

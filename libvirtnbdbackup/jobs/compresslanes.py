@@ -158,12 +158,14 @@ class CompressionLanes:
                     raise NbdError(f"reads ended at offset {pos}, inside a piece") from None
                 if at != pos or at + len(chunk) > offset + length:
                     raise NbdError(f"read at offset {at} does not continue offset {pos}")
-                for part in packer.feed(chunk):
-                    parts.put(part)
+                # One part per chunk read: lz4 makes one per 64 KiB block,
+                # too small to pass one by one to the writer.
+                made = packer.feed(chunk)
+                if made:
+                    parts.put(b"".join(made))
                 self._progress(len(chunk))
                 pos += len(chunk)
-            for part in packer.finish():
-                parts.put(part)
+            parts.put(b"".join(packer.finish()))
             parts.put(b"")
         # Run the reads to their end: their last buffer goes back to the pool.
         for _extra in reads:

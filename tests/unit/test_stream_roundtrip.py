@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from libvirtnbdbackup.errors import StreamError
 from libvirtnbdbackup.format import checksum, frames
 from libvirtnbdbackup.format.frames import HEADER_SIZE, Kind
+from libvirtnbdbackup.format.index import file_fingerprint
 from libvirtnbdbackup.format.meta import StreamMeta
 from libvirtnbdbackup.format.reader import StreamReader, adler32_concat, file_adler32
 from libvirtnbdbackup.format.writer import (
@@ -366,3 +367,26 @@ def test_checksum_uses_zlib_ng_where_installed() -> None:
     from zlib_ng import zlib_ng  # a dependency of the package: the commands get the fast one
 
     assert checksum.adler32 is zlib_ng.adler32
+
+
+@pytest.mark.parametrize("level", [False, 2])
+def test_the_index_fingerprint_is_that_of_the_written_file(
+    tmp_path: Path, level: Compression
+) -> None:
+    # Writes of every size around the fingerprint span, from reused buffers
+    # (uncompressed) or as many small compressed parts.
+    lengths = [10, 70_000, 3, 65_536, 200_000, 1, 140_000]
+    meta = make_meta(1 << 24, sum(lengths), level)
+    path = tmp_path / "vda.full.data"
+    with open(path, "wb") as fh:
+        writer = StreamWriter(fh, meta, max_piece=100_000)
+        reused = bytearray(200_000)
+        offset = 0
+        for n, length in enumerate(lengths):
+            reused[:length] = bytes([n + 1]) * length
+            writer.data(offset, length, [memoryview(reused)[:length]])
+            offset += length + 4096
+        writer.finish()
+    with open(path, "rb") as fh:
+        expected = file_fingerprint(fh, path.stat().st_size)
+    assert writer.index(path.name).fingerprint == expected
