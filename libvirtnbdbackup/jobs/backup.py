@@ -39,6 +39,14 @@ from ..errors import (
     UsageError,
     VirtnbdError,
 )
+from ..format.manifest import (
+    SetWriter,
+    chain_file_bytes,
+    chain_file_name,
+    chain_identity,
+    manifest_name,
+    unlisted_data_files,
+)
 from ..interrupts import Cancel
 from ..targets.base import Target
 from ..targets.directory import write_atomic
@@ -105,6 +113,14 @@ class BackupJob:
         self.remote = Remote(opts.uri, opts.remote)
         self.host: Host = LOCAL
         self._scratch: str | None = None  # this run's scratch folder, once made
+        self._files: SetWriter | None = None
+        self._new_chain_id = False
+
+    @property
+    def files(self) -> SetWriter:
+        """The files of the run under way: everything it writes goes through them."""
+        assert self._files is not None, "no backup run begun"
+        return self._files
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -269,6 +285,8 @@ class BackupJob:
             return []
         try:
             self.cancel.check()  # a signal while the job started
+            if not self.opts.printonly:
+                self._files = self._begin_files(step)
             results = self._backup_disks(disks, step, partial(self._job_export, server, step))
             if self.opts.printonly:
                 print(sum(r.data_size for r in results), flush=True)
@@ -277,6 +295,7 @@ class BackupJob:
         except BaseException:
             with self.cancel.scope():
                 self.cancel.defer()
+                self._abort_files()
                 self._stop_job(domain)
                 if step.create:
                     self._drop_checkpoint(domain, step.create)
@@ -433,11 +452,19 @@ class BackupJob:
                 self._check_offline_bitmap(disk, step.since)
             log.info("saving the changes since checkpoint %s", step.since)
         ports = {disk.target: index for index, disk in enumerate(disks)}
-        results = self._backup_disks(disks, step, partial(self._offline_export, step, ports))
         if self.opts.printonly:
+            results = self._backup_disks(disks, step, partial(self._offline_export, step, ports))
             print(sum(r.data_size for r in results), flush=True)
-        else:
+            return results
+        self._files = self._begin_files(step)
+        try:
+            results = self._backup_disks(disks, step, partial(self._offline_export, step, ports))
             self._save_metadata(domain, domain_xml, disks, step)
+        except BaseException:
+            with self.cancel.scope():
+                self.cancel.defer()
+                self._abort_files()
+            raise
         return results
 
     def _check_offline_bitmap(self, disk: Disk, checkpoint: str) -> None:
@@ -545,7 +572,7 @@ class BackupJob:
             backup = DiskBackup(
                 client,
                 plan,
-                self.target,
+                self._files if self._files is not None else self.target,  # -p writes nothing
                 cancel=self.cancel,
                 progress=self.opts.progress,
                 position=index,
@@ -575,9 +602,9 @@ class BackupJob:
         self, domain: Domain, domain_xml: str, disks: list[Disk], step: BackupStep
     ) -> None:
         ident = step.ident
-        self.target.write_file(f"vmconfig.{ident}.xml", domain_xml.encode())
+        self.files.write(f"vmconfig.{ident}.xml", domain_xml.encode())
         for disk, info in local_image_infos(disks, "image options not saved", self.host):
-            self.target.write_file(
+            self.files.write(
                 f"{disk.target}.{ident}.qcow.json", json.dumps(info, indent=4).encode()
             )
         for path in boot_files(domain_xml):
@@ -589,17 +616,20 @@ class BackupJob:
                 log.info("saved boot file %s as %s", path, name)
             except (OSError, SshError) as err:
                 log.warning("boot file %s not saved: %s", path, err)
+        self.files.commit()
+        log.info("committed backup %s (%s)", ident, manifest_name(ident))
+        self._save_chain_id()
         if step.create:
             self._save_checkpoint(domain, step.create)
 
     def _save_boot_file(self, name: str, path: str) -> None:
         if not self.host.is_remote:
-            self.target.copy_file(name, path)
+            self.files.copy(name, path)
             return
         with tempfile.TemporaryDirectory(prefix="virtnbdbackup.") as tmp:
             local = os.path.join(tmp, name)
             self.host.fetch(path, local)
-            self.target.copy_file(name, local)
+            self.files.copy(name, local)
 
     def _save_checkpoint(self, domain: Domain, checkpoint: str) -> None:
         """Keep the checkpoint's XML (to redefine it) and append it to the chain."""
@@ -611,8 +641,34 @@ class BackupJob:
         cpt = json.dumps([*chain, checkpoint]).encode()
         write_atomic(self.opts.cpt_file, cpt)
         if self.opts.to_stdout:
-            self.target.write_file(cpt_name, cpt)
-            self.target.write_file(f"checkpoints/{checkpoint}.xml", xml)
+            self.target.write(cpt_name, cpt)
+            self.target.write(f"checkpoints/{checkpoint}.xml", xml)
+
+    def _begin_files(self, step: BackupStep) -> SetWriter:
+        """Start this run's files: a killed run's leftovers go, a journal begins."""
+        chain, self._new_chain_id = chain_identity(step.level, self.opts.meta_dir, self.opts.domain)
+        files = SetWriter(self.target, ident=step.ident, level=step.level, chain=chain)
+        removed = files.begin()
+        if removed:
+            log.warning("removed the files of an interrupted backup: %s", ", ".join(removed))
+        if step.incremental and self._new_chain_id and not self.target.streamed:
+            files.adopt(*unlisted_data_files(self.target))
+        return files
+
+    def _abort_files(self) -> None:
+        removed = self._files.abort() if self._files is not None else []
+        if removed:
+            log.info("removed the files of the failed backup: %s", ", ".join(removed))
+
+    def _save_chain_id(self) -> None:
+        """A new chain's identity, for the incremental backups that follow."""
+        if not self._new_chain_id or self.files.level == "copy":
+            return
+        name = chain_file_name(self.opts.domain)
+        data = chain_file_bytes(self.files.chain)
+        if self.opts.to_stdout:
+            write_atomic(self.opts.meta_dir / name, data)
+        self.target.write(name, data)
 
     def _stop_job(self, domain: Domain) -> None:
         if not domain.has_backup_job():

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
+from ..format.manifest import read_state
+from ..targets.directory import PARTIAL_SUFFIX, DirectoryTarget
 from .remote import RemoteOptions
 
 DEFAULT_SCRATCH_PARENT = "/var/tmp"
@@ -55,9 +57,15 @@ class BackupOptions:
 
 
 def backup_set_files(folder: Path) -> list[str]:
+    """The files that make ``folder`` a backup set; what a killed run left
+    (named in its journal, see format/manifest.py) does not count: the next
+    run takes it back."""
     if not folder.is_dir():
         return []
-    return sorted({p.name for pat in BACKUP_SET_PATTERNS for p in folder.glob(pat)})
+    found = {p.name for pat in BACKUP_SET_PATTERNS for p in folder.glob(pat)}
+    leftovers = read_state(DirectoryTarget(folder)).uncommitted
+    leftovers |= {name + PARTIAL_SUFFIX for name in leftovers}
+    return sorted(found - leftovers)
 
 
 def leftover_partials(folder: Path, opts: BackupOptions) -> list[str]:

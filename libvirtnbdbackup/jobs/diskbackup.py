@@ -24,7 +24,7 @@ from ..errors import Interrupted, NbdError, TargetError
 from ..format.index import FileIndex, index_path
 from ..format.meta import StreamMeta
 from ..format.writer import StreamWriter, piece_lengths
-from ..targets.base import DataSink, Target
+from ..targets.base import DataSink, Writable
 from .compresslanes import CompressionLanes
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class DiskBackup:
         self,
         client: NbdClient,
         plan: DiskPlan,
-        target: Target,
+        target: Writable,
         *,
         cancel: threading.Event,
         progress: bool,
@@ -194,9 +194,9 @@ class DiskBackup:
                 # while their handle is still open.
                 chunks.close()
         if checksum is not None:
-            self.target.write_file(f"{self.plan.file_name}.chksum", str(checksum).encode())
+            self.target.write(f"{self.plan.file_name}.chksum", str(checksum).encode())
         if index is not None:
-            self.target.write_file(index_path(self.plan.file_name), index.to_bytes())
+            self.target.write(index_path(self.plan.file_name), index.to_bytes())
         seconds = time.monotonic() - started
         log.info(
             "disk %s: saved %s (%.1f MiB of data in %.2f s, %.1f MiB/s)",

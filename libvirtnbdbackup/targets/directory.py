@@ -73,6 +73,8 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = True) -> None:
 
 
 class DirectoryTarget:
+    streamed = False
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
@@ -80,14 +82,41 @@ class DirectoryTarget:
         except OSError as err:
             raise TargetError(f"cannot create backup folder {self.path}: {err.strerror}") from None
 
-    def open_data(self, name: str) -> PartialFile:
-        return PartialFile(self.path / name)
+    def _path(self, name: str) -> Path:
+        path = self.path / name
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise TargetError(f"{name!r} is not a file name inside {self.path}")
+        return path
 
-    def write_file(self, name: str, data: bytes) -> None:
-        write_atomic(self.path / name, data)
+    def _parent(self, name: str) -> Path:
+        path = self._path(name)
+        try:
+            make_private_dir(path.parent)
+        except OSError as err:
+            raise TargetError(f"cannot create folder {path.parent}: {err.strerror}") from None
+        return path
+
+    def list(self) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.path))
+            for p in self.path.rglob("*")
+            if p.is_file() and not p.name.endswith(PARTIAL_SUFFIX)
+        )
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except OSError as err:
+            raise TargetError(f"cannot read {self.path / name}: {err.strerror}") from None
+
+    def write(self, name: str, data: bytes) -> None:
+        write_atomic(self._parent(name), data)
+
+    def open_data(self, name: str) -> PartialFile:
+        return PartialFile(self._parent(name))
 
     def copy_file(self, name: str, source: str) -> None:
-        sink = PartialFile(self.path / name, overwrite=True)
+        sink = PartialFile(self._parent(name), overwrite=True)
         try:
             with open(source, "rb") as src:
                 shutil.copyfileobj(src, sink.file, 1024 * 1024)
@@ -95,6 +124,35 @@ class DirectoryTarget:
             sink.abort()
             raise TargetError(f"cannot copy {source}: {err.strerror}") from None
         sink.commit()
+
+    def rename(self, old: str, new: str) -> None:
+        source, dest = self._path(old), self._parent(new)
+        if dest.exists():
+            raise TargetError(f"{dest} exists already; refusing to overwrite it")
+        try:
+            os.rename(source, dest)
+            fsync_dir(dest.parent)
+        except OSError as err:
+            raise TargetError(f"cannot rename {source} to {dest}: {err.strerror}") from None
+
+    def remove(self, name: str) -> None:
+        """Remove a file and what a write of it left unfinished."""
+        path = self._path(name)
+        try:
+            for each in (path, path.with_name(path.name + PARTIAL_SUFFIX)):
+                each.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass  # its folder is gone too
+        except OSError as err:
+            raise TargetError(f"cannot remove {path}: {err.strerror}") from None
+
+    def commit(self, name: str, data: bytes, replaces: str | None = None) -> None:
+        # Each data file was fsynced and renamed as it was completed: the
+        # manifest, renamed last, is the run's commit point.
+        write_atomic(self._parent(name), data, overwrite=False)
+        if replaces is not None:
+            self.remove(replaces)
 
     def close(self) -> None:
         pass
