@@ -59,7 +59,7 @@ def test_zip_entries_are_regular_files_of_mode_644_with_real_dates(tmp_path: Pat
     entry = target.open_data("vda.full.data")
     entry.file.write(b"data")
     entry.commit()
-    target.write_file("vmconfig.virtnbdbackup.0.xml", b"<domain/>")
+    target.write("vmconfig.virtnbdbackup.0.xml", b"<domain/>")
     target.copy_file("OVMF_VARS.fd.virtnbdbackup.0", str(source))
     target.close()
     now = time.localtime()[:6]
