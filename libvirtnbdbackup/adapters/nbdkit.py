@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import NbdError
+from ..targets.private import PRIVATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +35,37 @@ MALLOC_TUNING = {
 }
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is this host's loopback only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """Where an NBD server listens: a unix socket, or a TCP host and port."""
+    """Where an NBD server listens: a unix socket, or a TCP host and port
+    (with TLS when ``tls_dir`` names the certificate folder: server files
+    for nbdkit, client files for our own connections through it)."""
 
     socket: str | None = None
     host: str | None = None
     port: int | None = None
+    tls_dir: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
-        """``unix:PATH`` or ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6)."""
+        """``unix:PATH``, ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6) or
+        ``:PORT`` (loopback)."""
         if text.startswith("unix:"):
             path = text.removeprefix("unix:")
             if not path:
@@ -54,20 +78,25 @@ class Endpoint:
                 )
             return cls(socket=path)
         host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or not host:
+        if not sep or not port.isdigit():
             raise ValueError(f"{text!r} is neither unix:PATH nor HOST:PORT")
-        return cls(host=host.strip("[]"), port=int(port))
+        return cls(host=host.strip("[]") or LOOPBACK, port=int(port))
 
     def uri(self, export: str) -> str:
         if self.socket:
             return f"nbd+unix:///{export}?socket={self.socket}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        if self.tls_dir:
+            return f"nbds://{host}:{self.port}/{export}?tls-certificates={quote(self.tls_dir)}"
         return f"nbd://{host}:{self.port}/{export}"
 
     def nbdkit_args(self) -> list[str]:
         if self.socket:
             return ["--unix", self.socket]
-        return ["--ipaddr", str(self.host), "--port", str(self.port)]
+        args = ["--ipaddr", str(self.host), "--port", str(self.port)]
+        if self.tls_dir:  # clients need a certificate of the same CA, too
+            args += ["--tls=require", f"--tls-certificates={self.tls_dir}", "--tls-verify-peer"]
+        return args
 
 
 class NbdkitServer:
@@ -90,6 +119,7 @@ class NbdkitServer:
         cache: str | None = None,
         blocksize: int | None = None,
         hexdump: str | None = None,
+        allow_uids: tuple[int, ...] = (),
     ) -> None:
         """``blocksize``: the largest request passed to the plugin (nbdkit's
         blocksize filter splits bigger ones); ``hexdump``: a file the plugin
@@ -104,6 +134,7 @@ class NbdkitServer:
         self.cache = cache
         self.blocksize = blocksize
         self.hexdump = hexdump
+        self.allow_uids = allow_uids  # on a unix socket: users besides ours that may connect
         self.workdir = workdir
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -114,6 +145,8 @@ class NbdkitServer:
     def command(self) -> list[str]:
         cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--pidfile", str(self.pidfile)]
         cmd += self.endpoint.nbdkit_args()
+        if self.endpoint.socket:
+            cmd += ["--filter=ip"]  # outermost: checks the peer before anything else
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         if self.readonly:
@@ -123,6 +156,11 @@ class NbdkitServer:
         if self.blocksize:
             cmd += ["--filter=blocksize"]
         cmd += ["python", PLUGIN, f"export={self.export}"]
+        if self.endpoint.socket:
+            # nbdkit makes its socket 0755, whatever the umask; the ip filter
+            # refuses every peer but these users (SO_PEERCRED), root included.
+            uids = sorted({os.geteuid(), *self.allow_uids})
+            cmd += [*(f"allow=uid:{uid}" for uid in uids), "deny=all"]
         cmd += [f"file={f}" for f in self.files]
         if self.cache:
             cmd += [f"cache={self.cache}"]
@@ -141,7 +179,7 @@ class NbdkitServer:
         try:
             with open(self.errfile, "wb") as err:
                 self._proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env
+                    cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, umask=0o077
                 )
         except FileNotFoundError:
             raise NbdError(
@@ -155,6 +193,8 @@ class NbdkitServer:
                 self.stop()
                 raise NbdError(f"nbdkit for {self.export} did not start within {START_TIMEOUT}s")
             time.sleep(0.02)
+        if self.endpoint.socket:
+            os.chmod(self.endpoint.socket, PRIVATE_FILE)
         log.info("nbdkit (pid %d) serves %s at %s", self._proc.pid, self.export, self.uri)
 
     @property

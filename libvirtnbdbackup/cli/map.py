@@ -113,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
         "-p", "--listen-port", type=int, default=None, help="TCP port with -l. (default: 10809)"
     )
     opt.add_argument(
+        "--tls",
+        action="store_true",
+        help="Serve TCP listeners with TLS; clients need a certificate signed by the same CA. "
+        "(default: %(default)s)",
+    )
+    opt.add_argument(
+        "--tls-cert",
+        default="/etc/pki/qemu",
+        metavar="DIR",
+        help="Folder of ca-cert.pem, server-cert.pem and server-key.pem for --tls (and "
+        "client-cert.pem, client-key.pem for the device virtnbdmap connects through -l). "
+        "(default: %(default)s)",
+    )
+    opt.add_argument(
+        "--insecure",
+        action="store_true",
+        help="Allow a TCP listener on an address other than loopback without --tls: anyone "
+        "who reaches it reads the backup. (default: %(default)s)",
+    )
+    opt.add_argument(
         "-r",
         "--readonly",
         action="store_true",
@@ -197,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen,
         listen_address=args.listen_address,
         listen_port=args.listen_port,
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+        insecure=args.insecure,
         readonly=args.readonly,
         threads=args.threads,
         cache=args.cache,

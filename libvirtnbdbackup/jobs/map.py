@@ -11,6 +11,7 @@ down in reverse order when the job ends, whatever ends it; the overlays of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from ..adapters import qemu
 from ..adapters.blockdev import FuseLoopDevice, KernelNbdDevice, kernel_has_nbd, partitions
 from ..adapters.domainxml import adjust_config
 from ..adapters.hosts import LOCAL
-from ..adapters.nbdkit import Endpoint, NbdkitServer
+from ..adapters.nbdkit import LOOPBACK, Endpoint, NbdkitServer, is_loopback
 from ..adapters.virt import Domain, Hypervisor
 from ..errors import DomainError, NbdError, TargetError, UsageError, VirtnbdError
 from ..format.index import open_index
@@ -62,6 +63,9 @@ class MapOptions:
     listen: str | None = None  # serve only, at unix:PATH or HOST:PORT
     listen_address: str | None = None  # 2.x -l/-p: TCP address of the server
     listen_port: int | None = None
+    tls: bool = False  # TCP listeners with TLS, clients authenticated by certificate
+    tls_cert: str = "/etc/pki/qemu"
+    insecure: bool = False  # a non-loopback TCP listener without TLS, asked for
     readonly: bool = False
     threads: int = 0
     cache: str | None = None
@@ -177,12 +181,14 @@ class MapJob:
                 raise UsageError(f"--listen: {err}") from None
         elif self.opts.listen_address or self.opts.listen_port:
             endpoint = Endpoint(
-                host=self.opts.listen_address or "127.0.0.1", port=self.opts.listen_port or 10809
+                host=self.opts.listen_address or LOOPBACK, port=self.opts.listen_port or 10809
             )
         else:
             endpoint = Endpoint(socket=str(self.workdir / f"{mapped.disk}.sock"))
+        endpoint = self._secured(endpoint)
         if endpoint.socket and os.path.exists(endpoint.socket):
             raise TargetError(f"{endpoint.socket} exists: another server may be using it")
+        qemu = _qemu_uid()  # --boot: QEMU connects to the socket
         server = NbdkitServer(
             [str(f.path) for f in mapped.files],
             export,
@@ -193,6 +199,7 @@ class MapJob:
             cache=self.opts.cache,
             blocksize=self.opts.blocksize,
             hexdump=self.opts.hexdump,
+            allow_uids=(qemu,) if self.opts.boot and qemu is not None else (),
         )
         stack.callback(server.stop)
         server.start()
@@ -206,6 +213,35 @@ class MapJob:
         )
         mapped.server = server
         self._watched.append(server)
+
+    def _secured(self, endpoint: Endpoint) -> Endpoint:
+        """A TCP listener with TLS (--tls), or on loopback, or with the
+        explicit --insecure: a backup is never served to the network unasked."""
+        if endpoint.host is None:
+            if self.opts.tls:
+                raise UsageError(
+                    "--tls protects a TCP listener (--listen HOST:PORT or -l/-p); unix sockets "
+                    "are already only their owner's"
+                )
+            return endpoint
+        if self.opts.tls:
+            check_server_certificates(self.opts.tls_cert)
+            log.info("serving %s:%d with TLS, clients need a certificate of the CA in %s",
+                     endpoint.host, endpoint.port, self.opts.tls_cert)  # fmt: skip
+            return dataclasses.replace(endpoint, tls_dir=self.opts.tls_cert)
+        if is_loopback(endpoint.host):
+            log.info("serving %s:%d on loopback: every local user can connect (use unix:PATH "
+                     "for an export only you can reach)", endpoint.host, endpoint.port)  # fmt: skip
+            return endpoint
+        if not self.opts.insecure:
+            raise UsageError(
+                f"{endpoint.host}:{endpoint.port} is not a loopback address: anyone who reaches "
+                "it could read the backup. Give --tls (certificates in --tls-cert), or "
+                "--insecure to serve it without authentication as virtnbdbackup 2.x did"
+            )
+        log.warning("serving %s:%d without TLS (--insecure): anyone who reaches it reads the "
+                    "backup", endpoint.host, endpoint.port)  # fmt: skip
+        return endpoint
 
     # block devices
 
@@ -298,13 +334,30 @@ def _stop_domain(domain: Domain, output: Path) -> None:
     )
 
 
+def _qemu_uid() -> int | None:
+    try:
+        return pwd.getpwnam(QEMU_USER).pw_uid
+    except KeyError:
+        return None
+
+
 def _give_to_qemu(socket: Path) -> None:
     """Let QEMU, running as the libvirt-qemu user, connect to the socket."""
-    try:
-        uid = pwd.getpwnam(QEMU_USER).pw_uid
-    except KeyError:
-        return
-    os.chown(socket, uid, -1)
+    uid = _qemu_uid()
+    if uid is not None:
+        os.chown(socket, uid, -1)
+
+
+SERVER_TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+
+
+def check_server_certificates(folder: str) -> None:
+    missing = [name for name in SERVER_TLS_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise UsageError(
+            f"--tls: {folder} lacks {', '.join(missing)}; nbdkit needs the CA certificate and "
+            "a server certificate and key signed by it (give the folder with --tls-cert)"
+        )
 
 
 # The running instances, for --stop.

@@ -26,7 +26,7 @@ def test_listen_addresses(text: str, uri: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["unix:", "10809", "host:", ":10809", "host:port", "unix:/" + "x" * 120]
+    "text", ["unix:", "10809", "host:", "host:port", "unix:/" + "x" * 120]
 )
 def test_bad_listen_addresses(text: str) -> None:
     with pytest.raises(ValueError):
@@ -129,3 +129,7 @@ def test_missing_nbd_device_is_reported() -> None:
     nbd = blockdev.KernelNbdDevice("/dev/nbd-none", "nbd+unix:///vda?socket=/s", readonly=False)
     with pytest.raises(NbdError, match="does not exist"):
         nbd.start()
+
+
+def test_a_port_alone_listens_on_loopback() -> None:
+    assert Endpoint.parse(":10809").uri("vda") == "nbd://127.0.0.1:10809/vda"
