@@ -252,6 +252,13 @@ class Domain:
             "type", libvirt.VIR_DOMAIN_JOB_NONE
         ) not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED)
 
+    def backup_job_xml(self) -> str | None:
+        """The XML of the backup job running, or None."""
+        try:
+            return str(self._dom.backupGetXMLDesc(0))
+        except libvirt.libvirtError:
+            return None
+
     def abort_job(self) -> None:
         self._call("stop the backup job", self._dom.abortJob)
 

@@ -14,6 +14,7 @@ from ..errors import UsageError, VirtnbdError
 from ..interrupts import Cancel
 from ..jobs.backup import BackupJob, kill_backup_job
 from ..jobs.backupoptions import BackupOptions, check_output_folder, resolve_level
+from ..jobs.recovery import clear_killed_run
 from ..targets.base import Target
 from ..targets.directory import DirectoryTarget
 from ..targets.lock import FolderLock
@@ -21,6 +22,7 @@ from ..targets.private import create_private, make_private_dir
 from ..targets.zipstream import ZipTarget
 from .common import (
     EXIT_ERROR,
+    EarlyRecords,
     add_common_args,
     add_connection_args,
     add_remote_args,
@@ -227,10 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cancel = install_signal_handlers("virtnbdbackup")
     lock: FolderLock | None = None
+    early = EarlyRecords()
     try:
         opts = options_from(args)
         if not args.killonly and not opts.to_stdout:
             lock = lock_backup_folder(opts, args.level)
+        if lock is not None and lock.stale:
+            clear_killed_run(Path(opts.output), lock.stale, opts.cpt_file)
         if not args.killonly:
             opts.level = resolve_level(opts)
             if not opts.startonly:
@@ -241,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:
             lock.release()
         setup_logging(args, None, syslog=args.syslog)
+        early.replay()
         log.error("%s", err)
         return EXIT_ERROR
     try:
-        return _run(args, opts, cancel, lock, log_dir)
+        return _run(args, opts, cancel, lock, log_dir, early)
     finally:
         if lock is not None:
             lock.release()
@@ -272,6 +278,7 @@ def _run(
     cancel: Cancel,
     lock: FolderLock | None,
     log_dir: Path,
+    early: EarlyRecords,
 ) -> int:
     stamp = datetime.now().strftime("%m%d%Y%H%M%S")
     # Named after the level asked for, as 2.x does: a cron line's -l auto
@@ -280,6 +287,7 @@ def _run(
     if log_file:
         create_private(log_file)
     counter = setup_logging(args, log_file, syslog=args.syslog)
+    early.replay()
     warn_command_line_password(args)
     log.info("virtnbdbackup %s, level %s", __version__, opts.level)
     if args.level == "auto":
@@ -294,7 +302,7 @@ def _run(
         target: Target = (
             ZipTarget(sys.stdout.buffer) if opts.to_stdout else DirectoryTarget(opts.output)
         )
-        BackupJob(opts, target, cancel, stale=lock.stale if lock else None).run()
+        BackupJob(opts, target, cancel, lock=lock).run()
         if opts.to_stdout and log_file:
             log.info("backup finished")
             target.copy_file(Path(log_file).name, log_file)

@@ -44,6 +44,30 @@ class WarningCounter(logging.Handler):
         self.count += 1
 
 
+class EarlyRecords(logging.Handler):
+    """Holds what is logged before logging is set up (a backup locks its
+    folder and puts right what a killed run left before it knows its log
+    file's name); ``replay`` hands it to the handlers set up since."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        root = logging.getLogger()
+        root.addHandler(self)
+        root.setLevel(logging.DEBUG)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def replay(self) -> None:
+        logging.getLogger().removeHandler(self)
+        records, self.records = self.records, []
+        for record in records:
+            logger = logging.getLogger(record.name)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
+
+
 class LogFile(logging.FileHandler):
     """The log file in the backup folder: when it cannot be written (the
     target is full), one warning on the console, then the console only."""

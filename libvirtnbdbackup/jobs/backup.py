@@ -50,11 +50,12 @@ from ..format.manifest import (
 from ..interrupts import Cancel
 from ..targets.base import Target
 from ..targets.directory import write_atomic
-from ..targets.lock import LOCK_NAME
+from ..targets.lock import LOCK_NAME, FolderLock, describe
 from ..targets.private import make_private_dir
 from .backupoptions import DEFAULT_SCRATCH_PARENT, BackupOptions
 from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain, read_merged
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
+from .recovery import committed, job_of, killed_checkpoint
 from .remote import Remote
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,13 @@ class BackupJob:
         target: Target,
         cancel: Cancel,
         *,
-        stale: dict[str, Any] | None = None,
+        lock: FolderLock | None = None,
     ) -> None:
-        """``stale``: the lock record a killed run left in the backup folder."""
+        """``lock``: the backup folder's, held; its ``stale`` record is what a
+        killed run left (see ``recovery``)."""
         self.opts = opts
-        self.stale = stale
+        self.lock = lock
+        self.stale = lock.stale if lock else None
         self.target = target
         self.cancel = cancel
         self._healed: set[str] = set()  # orphan bitmaps removed in this run
@@ -168,6 +171,7 @@ class BackupJob:
             finally:
                 domain.destroy()
                 log.info("domain %s is shut off again", domain.name)
+        self._heal_killed_run(domain)
         if domain.has_backup_job():
             raise DomainError(
                 f"domain {domain.name} already has a backup job running (another backup, or "
@@ -237,6 +241,9 @@ class BackupJob:
             server = NbdAddress(socket=socket)
         job_xml = backup_xml(disks, all_disks, server, scratch, step.since, bind)
         log.info("starting backup job, NBD server %s", server)
+        if self.lock is not None:
+            # For the next run, should this one be killed (recovery.py).
+            self.lock.update(checkpoint=step.create, scratch=next(iter(scratch.values())))
         try:
             # Not cut short by a signal: a job started must be known to be
             # stopped, a paused domain resumed.
@@ -321,6 +328,46 @@ class BackupJob:
                 DEFAULT_SCRATCH_PARENT,
             )
         return self._scratch
+
+    def _heal_killed_run(self, domain: Domain) -> None:
+        """Take down what a killed run into this folder left in libvirt: its
+        backup job, and the checkpoint it created (recorded in the chain
+        when its backup was committed, else removed)."""
+        stale = self.stale
+        if not stale or stale.get("domain") != domain.name:
+            return
+        who = describe(stale)
+        if job_of(domain.backup_job_xml(), stale.get("scratch")):
+            with self.cancel.scope():
+                self.cancel.defer()
+                self._stop_job(domain)
+            log.warning("stopped the backup job left running by %s, which was killed", who)
+        checkpoint = killed_checkpoint(stale, domain.name)
+        if checkpoint is None or checkpoint not in domain.checkpoint_names():
+            return
+        chain = read_chain(self.opts.cpt_file)
+        if checkpoint in chain:
+            return
+        following = checkpoint == checkpoint_name(len(chain)) or checkpoint == checkpoint_name(0)
+        if following and committed(self.opts.meta_dir, checkpoint):
+            self._save_checkpoint(domain, checkpoint)
+            log.warning(
+                "backup %s of %s was committed, but the run was killed before it recorded "
+                "the checkpoint in %s: recorded it",
+                checkpoint,
+                who,
+                self.opts.cpt_file.name,
+            )
+            return
+        with self.cancel.scope():
+            self.cancel.defer()
+            domain.delete_checkpoint(checkpoint)
+        log.warning(
+            "removed checkpoint %s, created by %s, which was killed before its backup was "
+            "committed; the changes since are saved by this backup",
+            checkpoint,
+            who,
+        )
 
     def _check_bitmap_support(self, disks: list[Disk]) -> None:
         """qcow2 v2 (compat 0.10) images cannot store dirty bitmaps."""

@@ -109,6 +109,7 @@ class FolderLock:
         self.details = details or {}
         self.stale: dict[str, Any] | None = None
         self._fd: int | None = None
+        self._started: int | None = None
 
     def acquire(self) -> FolderLock:
         if self._fd is not None:
@@ -142,6 +143,14 @@ class FolderLock:
         if not self.shared:
             self._write_record()
         return self
+
+    def update(self, **details: Any) -> None:
+        """Add ``details`` to the record of a held exclusive lock (e.g. the
+        checkpoint a backup is about to create, for the run after a kill)."""
+        if self._fd is None or self.shared:
+            raise TargetError(f"{self.path}: update of a lock not held exclusively")
+        self.details.update(details)
+        self._write_record()
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -189,17 +198,19 @@ class FolderLock:
 
     def _write_record(self) -> None:
         assert self._fd is not None
+        if self._started is None:
+            self._started = int(time.time())
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "purpose": self.purpose,
-            "started": int(time.time()),
+            "started": self._started,
             **self.details,
         }
         data = json.dumps(record).encode()
         try:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, data, 0)
+            os.pwrite(self._fd, data.ljust(len(data) + 64), 0)
+            os.ftruncate(self._fd, len(data) + 64)
         except OSError as err:
             self.release()
             raise TargetError(f"cannot write the lock file {self.path}: {err.strerror}") from None

@@ -135,6 +135,11 @@ def test_a_second_sigint_exits_at_once(data_vm: LabVM, tmp_path: Path) -> None:
         assert proc.returncode == 1, err
         assert "caught SIGINT again: exiting at once, without cleaning up" in err
         assert "Traceback" not in err
+        # The next backup into the folder puts right what the hard exit left.
+        again = run_tool("virtnbdbackup", "-d", data_vm.name, "-l", "full", "-n", "-o", out)
+        assert again.returncode == 0, again.stderr
+        assert "which was killed" in again.stderr or "which is no longer running" in again.stderr
+        assert not data_vm.has_job() and data_vm.checkpoints() == ["virtnbdbackup.0"]
     finally:
         # What the hard exit left (a job, the new checkpoint) must not stay
         # on the shared VM.

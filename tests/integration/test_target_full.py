@@ -14,9 +14,9 @@ from .vmlab import (
     DiskSpec,
     LabVM,
     MiB,
+    Mirror,
     backup_ok,
     create_vm,
-    hmp_io,
     images_identical,
     remove_vm,
     restore_image,
@@ -66,17 +66,18 @@ def test_a_full_target_is_one_line_naming_the_file(
 def test_a_full_that_cannot_fit_keeps_the_previous_chain(
     vm64: LabVM, small: Path, tmp_path: Path
 ) -> None:
+    mirror = Mirror.of(vm64, "vda", tmp_path)
     chain = tmp_path / "chain"
     backup_ok(vm64, chain, "full")
     error = failed_backup(vm64, small / "b")
     assert "would not fit" in error and "nothing was changed" in error
     assert vm64.checkpoints() == ["virtnbdbackup.0"]
 
-    hmp_io(vm64, "vda", "write -P 0x3c 1M 1M")
+    mirror.write("write -P 0x3c 1M 1M")
     log = backup_ok(vm64, chain, "inc")
     assert "new chain" not in log
     restored = restore_image(chain, tmp_path / "restored")
-    assert images_identical(restored, vm64.images["vda"])
+    assert images_identical(restored, mirror.path)
 
 
 def test_a_compressed_full_that_fails_says_what_it_gave_up(

@@ -283,6 +283,27 @@ def hmp_io(vm: LabVM, target: str, command: str) -> None:
         raise RuntimeError(f"qemu-io {command!r} on {vm.name}: {out.strip()}")
 
 
+@dataclass
+class Mirror:
+    """A copy of a VM disk that gets every write the VM's disk gets: what a
+    restore must equal (the live image file lags behind QEMU's cache)."""
+
+    vm: LabVM
+    target: str
+    path: Path
+
+    @classmethod
+    def of(cls, vm: LabVM, target: str, folder: Path) -> Mirror:
+        """Of a VM not written to since it started (its image file is current)."""
+        path = folder / f"mirror.{target}.qcow2"
+        sh("qemu-img", "convert", "-U", "-O", "qcow2", vm.images[target], path)
+        return cls(vm, target, path)
+
+    def write(self, command: str) -> None:
+        hmp_io(self.vm, self.target, command)
+        sh("qemu-io", "-f", "qcow2", "-c", command, self.path)
+
+
 def images_identical(a: Path, b: Path) -> bool:
     """qemu-img compare: same guest-visible content (formats may differ)."""
     proc = subprocess.run(

@@ -1,0 +1,80 @@
+"""A backup killed at any moment never wedges the chain: the next run
+recognises what it left (a job, a checkpoint, unfinished or uncommitted
+files), puts it right with a warning and completes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from .vmlab import (
+    DiskSpec,
+    LabVM,
+    MiB,
+    Mirror,
+    backup_ok,
+    create_vm,
+    exists,
+    images_identical,
+    remove_vm,
+    restore_image,
+    start_tool,
+    stop_when,
+)
+
+
+@pytest.fixture()
+def chain_vm(conn: libvirt.virConnect, tmp_path: Path) -> Iterator[tuple[LabVM, Path, Mirror]]:
+    """A VM with a full backup in tmp_path/b, and 48 MiB changed since."""
+    lab = create_vm(conn, [DiskSpec("vda", 256 * MiB, random_mib=32)], cdrom=False)
+    mirror = Mirror.of(lab, "vda", tmp_path)
+    out = tmp_path / "b"
+    backup_ok(lab, out, "full")
+    mirror.write("write -P 0x5e 64M 48M")
+    yield lab, out, mirror
+    remove_vm(lab)
+
+
+def kill_inc_when(vm: LabVM, out: Path, ready: Path, min_size: int, level: str = "inc") -> None:
+    proc = start_tool("virtnbdbackup", "-d", vm.name, "-l", level, "-o", out)
+    stop_when(proc, exists(ready, min_size))
+    proc.kill()
+    proc.wait()
+
+
+def assert_next_run_heals(
+    vm: LabVM, out: Path, mirror: Mirror, tmp_path: Path, level: str
+) -> str:
+    """The next backup completes, saying what it put right; the set restores
+    the VM's disk as it is now, and the chain goes on."""
+    log = backup_ok(vm, out, level)
+    assert "which was killed" in log
+    assert not vm.has_job()
+    restored = restore_image(out, tmp_path / "restored")
+    assert images_identical(restored, mirror.path)
+    mirror.write("write -P 0x6f 200M 1M")
+    backup_ok(vm, out, "inc")
+    assert not list(out.glob("*.partial"))
+    again = restore_image(out, tmp_path / "again")
+    assert images_identical(again, mirror.path)
+    return log
+
+
+def test_sigkill_mid_inc(chain_vm: tuple[LabVM, Path, Mirror], tmp_path: Path) -> None:
+    vm, out, mirror = chain_vm
+    kill_inc_when(vm, out, out / "vda.inc.virtnbdbackup.1.data.partial", 1 << 20)
+    assert vm.has_job(), "a killed run cannot stop its job"
+    log = assert_next_run_heals(vm, out, mirror, tmp_path, "inc")
+    assert "stopped the backup job left running" in log
+    assert "removed checkpoint virtnbdbackup.1" in log
+
+
+def test_sigkill_right_after_the_data_file_is_renamed(
+    chain_vm: tuple[LabVM, Path, Mirror], tmp_path: Path
+) -> None:
+    vm, out, mirror = chain_vm
+    kill_inc_when(vm, out, out / "vda.inc.virtnbdbackup.1.data", 0)
+    assert_next_run_heals(vm, out, mirror, tmp_path, "auto")
