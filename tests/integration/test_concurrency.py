@@ -46,3 +46,5 @@ def test_a_second_backup_into_the_folder_is_refused(data_vm: LabVM, tmp_path: Pa
         assert "Traceback" not in proc.stderr
     assert (out / "vda.full.data").is_file() and not list(out.glob("*.partial"))
     assert not list(out.glob(".virtnbdbackup.lock")), "the lock is released at the end"
+    for cp in data_vm.dom.listAllCheckpoints(0):  # the shared VM as it was
+        cp.delete(0)

@@ -73,7 +73,7 @@ def command(kind: str, vm: LabVM, full_set: Path, tmp_path: Path) -> list[str | 
     return ["virtnbdrestore", "-i", full_set, "-o", "verify"]
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.04, 0.15])
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.06])
 @pytest.mark.parametrize("kind", ["backup", "restore", "verify"])
 def test_sigint_early_stops_with_one_line(
     kind: str, delay: float, data_vm: LabVM, full_set: Path, tmp_path: Path
