@@ -20,18 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..format.manifest import manifest_name
 from ..targets.directory import PARTIAL_SUFFIX
 from ..targets.lock import describe
 from .chainplan import read_chain
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.{ident}.json"  # the commit point of a backup (format/manifest.py)
-
-
 def committed(folder: Path, ident: str) -> bool:
     """Whether the backup ``ident`` reached its commit point in ``folder``."""
-    return (folder / MANIFEST.format(ident=ident)).is_file()
+    return (folder / manifest_name(ident)).is_file()
 
 
 def killed_checkpoint(stale: dict[str, Any] | None, domain: str) -> str | None:

@@ -4,6 +4,7 @@ files), puts it right with a warning and completes."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .vmlab import (
     images_identical,
     remove_vm,
     restore_image,
+    resume_to_end,
     start_tool,
     stop_when,
 )
@@ -78,3 +80,18 @@ def test_sigkill_right_after_the_data_file_is_renamed(
     vm, out, mirror = chain_vm
     kill_inc_when(vm, out, out / "vda.inc.virtnbdbackup.1.data", 0)
     assert_next_run_heals(vm, out, mirror, tmp_path, "auto")
+
+
+def test_sigterm_right_after_the_data_file_is_renamed(
+    chain_vm: tuple[LabVM, Path, Mirror], tmp_path: Path
+) -> None:
+    vm, out, mirror = chain_vm
+    proc = start_tool("virtnbdbackup", "-d", vm.name, "-l", "inc", "-o", out)
+    stop_when(proc, exists(out / "vda.inc.virtnbdbackup.1.data"))
+    proc.send_signal(signal.SIGTERM)
+    err = resume_to_end(proc, expect=1)
+    assert "caught SIGTERM: stopped" in err
+    assert not vm.has_job() and vm.checkpoints() == ["virtnbdbackup.0"]
+    backup_ok(vm, out, "auto")
+    restored = restore_image(out, tmp_path / "restored")
+    assert images_identical(restored, mirror.path)
