@@ -14,6 +14,7 @@ and last 64 KiB (meta JSON with its timestamp, and the trailer).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from ..targets.directory import write_atomic
 from . import frames
 from .frames import HEADER_SIZE, TERMINATOR, Kind
 from .reader import StreamReader
+from .zeros import ZEROS_SUFFIX, load_zeros
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +175,40 @@ def build_index(fh: BinaryIO, name: str) -> FileIndex:
             f"{name}: data frames hold {data_size} bytes but the meta frame says "
             f"dataSize {meta.data_size}"
         )
+    fingerprint = file_fingerprint(fh, size)
+    if meta.incremental:
+        extents = _with_side_zeros(name, size, fingerprint, extents)
     return FileIndex(
         data_file=os.path.basename(name),
         file_size=size,
-        fingerprint=file_fingerprint(fh, size),
+        fingerprint=fingerprint,
         virtual_size=meta.virtual_size,
         compressed=meta.is_compressed,
         extents=extents,
     )
+
+
+def _with_side_zeros(name: str, size: int, fingerprint: str, extents: list[Extent]) -> list[Extent]:
+    """An incremental file's extents with the zero ranges of its ``.zeros`` side file."""
+    ranges = load_zeros(name, size, fingerprint)
+    if ranges is None:
+        log.warning(
+            "%s has no %s side file: ranges the guest discarded since the parent backup, if "
+            "any, keep their older data, as a virtnbdbackup 2.x restore leaves them",
+            os.path.basename(name),
+            ZEROS_SUFFIX,
+        )
+        return extents
+    merged = sorted(
+        [*extents, *(Extent(start, length, -1) for start, length in ranges)], key=lambda e: e.start
+    )
+    for before, after in itertools.pairwise(merged):
+        if before.start + before.length > after.start:
+            raise StreamError(
+                f"{name}{ZEROS_SUFFIX}: a zero range overlaps a data frame of its data file "
+                f"at offset {after.start}"
+            )
+    return merged
 
 
 def _piece_sizes(

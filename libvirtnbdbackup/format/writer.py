@@ -154,8 +154,9 @@ class StreamWriter:
         self._unpacked: dict[int, list[int]] = {}
         self._next_offset = 0
         self._data_size = 0
-        # Extent frames in file order, for the index: (kind, start, length).
-        self._frames: list[tuple[Kind, int, int]] = []
+        # Extent frames in file order, for the index: (kind, start, length);
+        # kind None: a zero range of an incremental stream, in no frame.
+        self._frames: list[tuple[Kind | None, int, int]] = []
         doc = json.dumps(meta.to_json(), indent=4).encode()
         self._meta_bytes = HEADER_SIZE + len(doc) + len(TERMINATOR)
         self._out.write(frames.encode(Kind.META, 0, len(doc)) + doc + TERMINATOR)
@@ -165,9 +166,20 @@ class StreamWriter:
         return self._level is not None
 
     def zero(self, offset: int, length: int) -> None:
+        """A range that reads as zeros: a ``zero`` frame, except in an
+        incremental stream, which holds ``data`` frames only: there it is
+        kept for the ``.zeros`` side file (``side_zeros``)."""
         self._check_order(offset, length)
+        if self._meta.incremental:
+            self._frames.append((None, offset, length))
+            return
         self._frames.append((Kind.ZERO, offset, length))
         self._out.write(frames.encode(Kind.ZERO, offset, length))
+
+    @property
+    def side_zeros(self) -> list[tuple[int, int]]:
+        """The zero ranges of an incremental stream, which no frame holds."""
+        return [(start, length) for kind, start, length in self._frames if kind is None]
 
     def data(self, offset: int, length: int, chunks: Iterable[Buffer]) -> None:
         """One data frame of ``length`` bytes at ``offset``, from ``chunks``."""
@@ -256,6 +268,9 @@ class StreamWriter:
         position = self._meta_bytes
         frame_pieces = iter(enumerate(self._pieces))
         for kind, start, length in self._frames:
+            if kind is None:
+                extents.append(Extent(start, length, -1))
+                continue
             position += HEADER_SIZE
             if kind is Kind.ZERO:
                 extents.append(Extent(start, length, -1))

@@ -24,6 +24,7 @@ from ..errors import Interrupted, NbdError, TargetError
 from ..format.index import FileIndex, index_path
 from ..format.meta import StreamMeta
 from ..format.writer import StreamWriter, piece_lengths
+from ..format.zeros import zeros_of_index, zeros_path
 from ..targets.base import DataSink, Writable
 from .compresslanes import CompressionLanes
 
@@ -79,8 +80,10 @@ def changed_regions(dirty: list[Extent], allocation: list[Extent], *, sparse: bo
 
     Without sparse detection every dirty range is data. With it, dirty
     ranges are cut along the allocation map: allocated parts are data,
-    parts now unallocated (trimmed) are zero frames, which cost no read and
+    parts now unallocated (trimmed) are zero ranges, which cost no read and
     no space yet keep a restore bit-identical where the parent held data.
+    The file holds data frames only (as the format says of incremental
+    files); the zero ranges go to its ``.zeros`` side file.
     """
     changed = [e for e in dirty if e.flags & DIRTY]
     if not sparse:
@@ -196,6 +199,10 @@ class DiskBackup:
         if checksum is not None:
             self.target.write(f"{self.plan.file_name}.chksum", str(checksum).encode())
         if index is not None:
+            if self.plan.incremental:
+                # Every incremental file gets one, also an empty one: a missing
+                # side file then tells that something was lost.
+                self.target.write(zeros_path(self.plan.file_name), zeros_of_index(index))
             self.target.write(index_path(self.plan.file_name), index.to_bytes())
         seconds = time.monotonic() - started
         log.info(

@@ -27,6 +27,7 @@ from libvirtnbdbackup.format.index import (
     open_index,
 )
 from libvirtnbdbackup.format.writer import StreamWriter
+from libvirtnbdbackup.format.zeros import zeros_of_index, zeros_path
 
 from .samples import sample_meta
 
@@ -64,6 +65,8 @@ def write_file(
                 half = len(payload) // 2  # chunks that do not line up with pieces
                 writer.data(start * BLOCK, count * BLOCK, [payload[:half], payload[half:]])
         writer.finish()
+    if incremental:  # as the backup does: zero ranges in the side file, not in frames
+        Path(zeros_path(str(path))).write_bytes(zeros_of_index(writer.index(path.name)))
     return writer
 
 
