@@ -27,6 +27,7 @@ import lz4.frame
 from ..errors import StreamError
 from .chainimage import ChainImage, Segment, merge_layers
 from .checksum import adler32
+from .frames import MAX_REQUEST_SIZE
 from .index import Extent, FileIndex, build_index, open_index
 from .meta import StreamMeta
 from .reader import read_meta
@@ -34,8 +35,10 @@ from .writer import StreamWriter
 
 CHUNK = 4 * 1024 * 1024
 SAMPLE_SPAN = 64 * 1024
-SAMPLE_SEGMENTS = 64
-SAMPLE_RANDOM = 32
+SAMPLE_SEGMENTS = 32
+SAMPLE_RANDOM = 16
+# Decompressed pieces the check keeps per chain (the windows are in offset order).
+CHECK_CACHE = MAX_REQUEST_SIZE
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class _Cursor:
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self.pos = 0
         self.adler = 1
+        self._buffer = memoryview(bytearray(CHUNK))
         # The decompressed piece last read: (payload offset, piece number, bytes).
         self.piece: tuple[int, int, bytes] | None = None
 
@@ -70,8 +74,9 @@ class _Cursor:
         os.close(self._fd)
 
     def read(self, n: int) -> memoryview:
-        buf = bytearray(n)
-        view = memoryview(buf)
+        """The next ``n`` bytes; up to ``CHUNK`` of them in a buffer that the
+        next read reuses (every consumer writes or copies them at once)."""
+        view = self._buffer[:n] if n <= CHUNK else memoryview(bytearray(n))
         got = 0
         while got < n:
             k = os.preadv(self._fd, [view[got:]], self.pos + got)
@@ -106,11 +111,19 @@ class _Cursor:
                 f"({self.checksum}): the file is damaged; nothing was merged"
             )
 
+    def piece_position(self, extent: Extent, number: int) -> int:
+        return extent.offset + sum(p for p, _u in extent.pieces[:number])
+
+    def stored_piece(self, extent: Extent, number: int) -> Iterator[memoryview]:
+        """Piece ``number`` of a compressed extent as stored (its LZ4 frame)."""
+        self.skip_to(self.piece_position(extent, number))
+        yield from self.chunks(extent.pieces[number][0])
+
     def packed_piece(self, extent: Extent, number: int) -> bytes:
         """Piece ``number`` of a compressed extent, decompressed and checked."""
         if self.piece is not None and self.piece[:2] == (extent.offset, number):
             return self.piece[2]
-        position = extent.offset + sum(p for p, _u in extent.pieces[:number])
+        position = self.piece_position(extent, number)
         packed, unpacked = extent.pieces[number]
         self.skip_to(position)
         raw = self.read(packed)
@@ -142,8 +155,9 @@ def read_checksum(path: str) -> int:
         raise StreamError(f"{path}.chksum is damaged ({err}); the file is not merged") from None
 
 
-def merged_meta(metas: list[StreamMeta], data_size: int) -> StreamMeta:
-    """The meta of a full backup taken at the last file's checkpoint and time."""
+def merged_meta(metas: list[StreamMeta], data_size: int, parent: str | None) -> StreamMeta:
+    """The meta of a backup taken at the last file's checkpoint and time: a
+    full (``parent`` None), or an incremental on checkpoint ``parent``."""
     base, last = metas[0], metas[-1]
     return StreamMeta(
         virtual_size=base.virtual_size,
@@ -151,11 +165,39 @@ def merged_meta(metas: list[StreamMeta], data_size: int) -> StreamMeta:
         disk_name=base.disk_name,
         disk_format=base.disk_format,
         checkpoint_name=last.checkpoint_name,
-        parent_checkpoint="",
-        incremental=False,
+        parent_checkpoint=parent or "",
+        incremental=parent is not None,
         compressed=base.compressed,
         date=last.date,
     )
+
+
+def coverage(indexes: list[FileIndex]) -> list[tuple[int, int]]:
+    """The ranges some file of ``indexes`` has a frame for (data or zero), joined."""
+    spans = sorted((e.start, e.start + e.length) for idx in indexes for e in idx.extents)
+    out: list[tuple[int, int]] = []
+    for start, end in spans:
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _covered_only(segments: list[Segment], covered: list[tuple[int, int]]) -> list[Segment]:
+    """The segments cut to the covered ranges (an incremental keeps its gaps)."""
+    out = []
+    i = 0
+    for seg in segments:
+        while i < len(covered) and covered[i][1] <= seg.start:
+            i += 1
+        j = i
+        while j < len(covered) and covered[j][0] < seg.end:
+            lo, hi = max(seg.start, covered[j][0]), min(seg.end, covered[j][1])
+            if lo < hi:
+                out.append(Segment(lo, hi, seg.layer, seg.extent))
+            j += 1
+    return out
 
 
 def open_chain(paths: list[str]) -> tuple[list[StreamMeta], list[FileIndex]]:
@@ -174,18 +216,37 @@ def open_chain(paths: list[str]) -> tuple[list[StreamMeta], list[FileIndex]]:
     return metas, indexes
 
 
-def merge_chain(paths: list[str], out: BinaryIO, out_name: str) -> MergeResult:
-    """Write the full stream that ``paths`` (full first) restore to into ``out``."""
+def merge_chain(
+    paths: list[str],
+    out: BinaryIO,
+    out_name: str,
+    *,
+    parent: str | None = None,
+    max_piece: int = MAX_REQUEST_SIZE,
+) -> MergeResult:
+    """Write the one file that replaces ``paths`` (oldest first) into ``out``.
+
+    Without ``parent`` the files are a full and its incrementals, and the
+    result is a full stream tiling the disk. With ``parent`` they are
+    consecutive incrementals, and the result is one incremental on that
+    checkpoint: what any of them saved, newest first; ranges none saved
+    stay gaps. ``max_piece``: the piece size of compressed frames, the
+    chain's (the largest NBD request, as the backups were cut).
+    """
     metas, indexes = open_chain(paths)
+    if parent is None and metas[0].incremental:
+        raise StreamError(f"{paths[0]}: a merge into a full must start with a full backup")
     size = metas[0].virtual_size
     segments = merge_layers(indexes, size)
+    if parent is not None:
+        segments = _covered_only(segments, coverage(indexes))
     data_size = sum(s.end - s.start for s in segments if s.extent is not None)
-    meta = merged_meta(metas, data_size)
+    meta = merged_meta(metas, data_size, parent)
     cursors: list[_Cursor] = []
     try:
         for path, index in zip(paths, indexes, strict=True):
             cursors.append(_Cursor(path, index, read_checksum(path)))
-        writer = StreamWriter(out, meta)
+        writer = StreamWriter(out, meta, max_piece=max_piece)
         copied = _write_segments(writer, segments, cursors)
         for cursor in cursors:
             cursor.finish()
@@ -198,6 +259,7 @@ def merge_chain(paths: list[str], out: BinaryIO, out_name: str) -> MergeResult:
 
 
 def _write_segments(writer: StreamWriter, segments: list[Segment], cursors: list[_Cursor]) -> int:
+    """Write every segment; the bytes copied as stored (not decompressed)."""
     copied = 0
     i = 0
     while i < len(segments):
@@ -206,29 +268,68 @@ def _write_segments(writer: StreamWriter, segments: list[Segment], cursors: list
             writer.zero(seg.start, seg.end - seg.start)
             i += 1
             continue
-        cursor = cursors[seg.layer]
-        whole = seg.start == seg.extent.start and seg.end == seg.extent.start + seg.extent.length
-        if writer.compressed and whole and seg.extent.pieces:
-            cursor.skip_to(seg.extent.offset)
-            stored = sum(p for p, _u in seg.extent.pieces)
-            writer.copied(seg.start, seg.end - seg.start, seg.extent.pieces, cursor.chunks(stored))
-            copied += seg.end - seg.start
+        if writer.compressed:
+            if seg.extent.pieces:
+                plan = _piece_plan(seg, writer.max_piece)
+                cursor = cursors[seg.layer]
+                writer.assembled(seg.start, seg.end - seg.start, _pieces(seg, plan, cursor))
+                copied += sum(u for number, u, whole in plan if whole)
+            else:  # an uncompressed file in a compressed chain
+                writer.data(seg.start, seg.end - seg.start, segment_bytes(seg, cursors[seg.layer]))
             i += 1
             continue
-        # A run of adjacent data segments: one frame when uncompressed (cheap
-        # to join); compressed, one frame per segment so whole ones copy.
+        # Uncompressed: a run of adjacent data segments is one frame.
         run = [seg]
-        if not writer.compressed:
-            while (
-                i + len(run) < len(segments)
-                and segments[i + len(run)].extent is not None
-                and segments[i + len(run)].start == run[-1].end
-            ):
-                run.append(segments[i + len(run)])
+        while (
+            i + len(run) < len(segments)
+            and segments[i + len(run)].extent is not None
+            and segments[i + len(run)].start == run[-1].end
+        ):
+            run.append(segments[i + len(run)])
         length = run[-1].end - run[0].start
         writer.data(run[0].start, length, _run_bytes(run, cursors))
         i += len(run)
     return copied
+
+
+def _piece_plan(seg: Segment, max_piece: int) -> list[tuple[int, int, bool]]:
+    """How a segment of a compressed extent is written: (source piece, bytes
+    of it kept, whether it is kept whole and so copied as stored).
+
+    A frame below ``max_piece`` must be one LZ4 frame: unless it is one
+    whole source piece, it is compressed again as one (number -1).
+    """
+    extent = seg.extent
+    assert extent is not None
+    skip, end = seg.start - extent.start, seg.end - extent.start
+    plan = []
+    base = 0
+    for number, (_packed, unpacked) in enumerate(extent.pieces):
+        lo, hi = max(skip, base), min(end, base + unpacked)
+        if lo < hi:
+            plan.append((number, hi - lo, lo == base and hi == base + unpacked))
+        base += unpacked
+    if seg.end - seg.start < max_piece and not (len(plan) == 1 and plan[0][2]):
+        return [(-1, seg.end - seg.start, False)]
+    return plan
+
+
+def _pieces(
+    seg: Segment, plan: list[tuple[int, int, bool]], cursor: _Cursor
+) -> Iterator[tuple[int, int | None, Iterator[memoryview]]]:
+    extent = seg.extent
+    assert extent is not None
+    if plan[0][0] < 0:
+        yield plan[0][1], None, segment_bytes(seg, cursor)
+        return
+    base = {n: sum(u for _p, u in extent.pieces[:n]) for n, _k, _w in plan}
+    for number, kept, whole in plan:
+        if whole:
+            yield kept, extent.pieces[number][0], cursor.stored_piece(extent, number)
+        else:
+            lo = max(seg.start, extent.start + base[number])
+            part = Segment(lo, lo + kept, seg.layer, extent)
+            yield kept, None, segment_bytes(part, cursor)
 
 
 def _run_bytes(run: list[Segment], cursors: list[_Cursor]) -> Iterator[memoryview]:
@@ -277,17 +378,24 @@ def verify_merged(paths: list[str], merged: str, segments: list[Segment], *, ful
 
     The new file's frames are walked again from disk (not trusted from the
     writer) and must tile the disk as the chain's merged map does; then the
-    bytes of a sample (the ends of up to 64 data runs and 32 random
+    bytes of a sample (the ends of up to 32 data runs and 16 random
     windows), or with ``full`` every data byte, are compared.
     """
     with open(merged, "rb") as fh:
         index = build_index(fh, merged)
     size = index.virtual_size
     new_map = extent_map(merge_layers([index], size))
-    if new_map != extent_map(segments):
+    old_map = extent_map(_tiled(segments, size))
+    if new_map != old_map:
         raise StreamError(f"{merged}: its extent map differs from the chain it replaces")
-    old = ChainImage(paths)
-    new = ChainImage([merged], indexes=[index])
+    if read_meta(merged).incremental:
+        _metas, olds = open_chain(paths)
+        if coverage([index]) != coverage(olds):
+            raise StreamError(
+                f"{merged}: the ranges it saves differ from those of the files it replaces"
+            )
+    old = ChainImage(paths, cache_bytes=CHECK_CACHE)
+    new = ChainImage([merged], cache_bytes=CHECK_CACHE, indexes=[index])
     try:
         windows = _windows(new_map, size, full)
         compared = 0
@@ -301,6 +409,20 @@ def verify_merged(paths: list[str], merged: str, segments: list[Segment], *, ful
     finally:
         old.close()
         new.close()
+
+
+def _tiled(segments: list[Segment], size: int) -> list[Segment]:
+    """Segments with the gaps between them filled as zero (for comparing maps)."""
+    out = []
+    pos = 0
+    for seg in segments:
+        if seg.start > pos:
+            out.append(Segment(pos, seg.start, -1, None))
+        out.append(seg)
+        pos = seg.end
+    if pos < size:
+        out.append(Segment(pos, size, -1, None))
+    return out
 
 
 def _windows(runs: list[tuple[int, int, bool]], size: int, full: bool) -> list[tuple[int, int]]:

@@ -165,6 +165,10 @@ class StreamWriter:
     def compressed(self) -> bool:
         return self._level is not None
 
+    @property
+    def max_piece(self) -> int:
+        return self._max_piece
+
     def zero(self, offset: int, length: int) -> None:
         """A range that reads as zeros: a ``zero`` frame, except in an
         incremental stream, which holds ``data`` frames only: there it is
@@ -206,30 +210,48 @@ class StreamWriter:
         self._pieces.append((length, sizes))
         self._end_data(offset, length, length)
 
-    def copied(
+    def assembled(
         self,
         offset: int,
         length: int,
-        pieces: tuple[tuple[int, int], ...],
-        stored: Iterable[Buffer],
+        pieces: Iterable[tuple[int, int | None, Iterable[Buffer]]],
     ) -> None:
-        """One compressed data frame copied as another file stores it:
-        ``pieces`` are its LZ4 frames' (packed, unpacked) sizes, ``stored``
-        their bytes as they are."""
+        """One compressed data frame made of pieces that are each either
+        copied as another file stores them or compressed here.
+
+        ``pieces`` yields (unpacked size, packed size or None, chunks): with
+        a packed size the chunks are an LZ4 frame of the format, written as
+        they are; without, they are the piece's bytes, compressed into one
+        LZ4 frame. A frame below ``max_piece`` must be one piece (2.x reads
+        it as one LZ4 frame); each piece holds at most ``max_piece`` bytes.
+        """
         if self._level is None:
-            raise ValueError("copied compressed frame in an uncompressed stream")
-        if sum(u for _p, u in pieces) != length:
-            raise ValueError(f"extent at offset {offset}: pieces do not add up to {length}")
+            raise ValueError("assembled compressed frame in an uncompressed stream")
         self._start_data(offset, length)
-        got = 0
-        for chunk in stored:
-            got += len(chunk)
-            self._out.write(chunk)
-        if got != sum(p for p, _u in pieces):
-            raise StreamError(f"extent at offset {offset}: copied {got} stored bytes")
-        sizes = [p for p, _u in pieces]
+        sizes: list[int] = []
+        unpacked_sizes: list[int] = []
+        for unpacked, packed, chunks in pieces:
+            if unpacked > self._max_piece:
+                raise ValueError(f"extent at offset {offset}: piece of {unpacked} bytes")
+            if packed is None:
+                packer = PieceCompressor(unpacked, self._level)
+                size = got = 0
+                for chunk in chunks:
+                    got += len(chunk)
+                    size += self._write_parts(packer.feed(chunk))
+                size += self._write_parts(packer.finish())
+                if got != unpacked:
+                    raise StreamError(f"extent at offset {offset}: piece got {got} bytes")
+            else:
+                size = self._write_parts(chunks)
+                if size != packed:
+                    raise StreamError(f"extent at offset {offset}: copied {size} stored bytes")
+            sizes.append(size)
+            unpacked_sizes.append(unpacked)
+        if sum(unpacked_sizes) != length or (length < self._max_piece and len(sizes) != 1):
+            raise ValueError(f"extent at offset {offset}: pieces do not make {length} bytes")
         self._pieces.append((length, sizes))
-        self._unpacked[len(self._pieces) - 1] = [u for _p, u in pieces]
+        self._unpacked[len(self._pieces) - 1] = unpacked_sizes
         self._end_data(offset, length, length)
 
     def _start_data(self, offset: int, length: int) -> None:
@@ -322,7 +344,7 @@ class StreamWriter:
         self._pieces.append((length, sizes))
         return got
 
-    def _write_parts(self, parts: Iterable[bytes]) -> int:
+    def _write_parts(self, parts: Iterable[Buffer]) -> int:
         """Write compressed parts as they come; their byte count."""
         size = 0
         for part in parts:

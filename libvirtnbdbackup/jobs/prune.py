@@ -122,7 +122,7 @@ def _apply(
     if fplan.remove_all:
         _remove_folder_set(fplan, result, uri)
         return
-    if fplan.new_base is not None:
+    if fplan.merges:
         result.merged_bytes += _merge(fplan, verify=verify, uri=uri, on_step=on_step)
         return
     for point in sorted(fplan.removed, key=lambda p: p.time, reverse=True):
@@ -134,7 +134,8 @@ def point_files(folder: Path, point: Point, *, side: bool = True) -> list[str]:
     """Names (relative to ``folder``) of the files of a point that exist."""
     names: list[str] = []
     for f in point.files:
-        names += [f.name, f"{f.name}.chksum", os.path.basename(index_path(f.name))]
+        # .zeros: the ranges an inc leaves to zero, in a side file
+        names += [f.name, f"{f.name}.chksum", index_path(f.name), f"{f.name}.zeros"]
     if side:
         config = folder / f"vmconfig.{point.ident}.xml"
         names.append(config.name)
@@ -181,61 +182,41 @@ def _saved_times(folder: Path, names: list[str]) -> dict[str, str]:
 
 
 def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> int:
+    """Write, check and commit every merge of a folder; the bytes written."""
     folder = fplan.folder
-    base = fplan.new_base
-    assert base is not None
-    merged = fplan.merged
-    chain = [*merged, base]
     work = folder / WORK_DIR
     work.mkdir(mode=PRIVATE_DIR)
     fsync_dir(folder)
     written = 0
     install: list[str] = []
-    for f in base.files:
-        if f.meta is None:
-            continue  # a raw image saved with the full stays as it is
-        disk = f.disk
-        paths = [str(_file_of(p, disk).path) for p in chain]
-        name = f"{disk}.full.data"
-        sink = PartialFile(work / name)
-        try:
-            result = merge_chain(paths, sink.file, name)
-        except BaseException:
-            sink.abort()
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        sink.commit()
-        mtime = os.stat(f.path).st_mtime
-        os.utime(work / name, (mtime, mtime))
-        write_atomic(work / f"{name}.chksum", str(result.adler32).encode())
-        write_atomic(work / index_path(name), result.index.to_bytes())
-        on_step(f"written {name}")
-        try:
-            compared = verify_merged(paths, str(work / name), result.segments, full=verify)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        log.info(
-            "%s: disk %s: merged %d files into a full at %s (%d bytes, %d copied as stored, "
-            "%d bytes compared)",
-            folder,
-            disk,
-            len(paths),
-            base.ident,
-            result.index.file_size,
-            result.copied_whole,
-            compared,
-        )
-        written += result.index.file_size
-        install += [name, f"{name}.chksum", index_path(name)]
-        on_step(f"verified {name}")
+    parents: dict[str, str | None] = {}
+    try:
+        for target, group in fplan.merges:
+            first = fplan.links.index(group[0])
+            parent = fplan.links[first - 1].checkpoint if first else None
+            parents[target.checkpoint] = parent
+            for f in target.files:
+                if f.meta is None:
+                    continue  # a raw image saved with the full stays as it is
+                paths = [str(_file_of(p, f.disk).path) for p in [*group, target]]
+                name = f"{f.disk}.full.data" if parent is None else f.name
+                written += _merge_one(paths, work, name, parent, verify, on_step)
+                install += [name, f"{name}.chksum", index_path(name)]
+                mtime = os.stat(f.path).st_mtime  # 2.x orders a chain by mtime
+                os.utime(work / name, (mtime, mtime))
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    merged = fplan.merged
+    staying = {p.checkpoint for p in fplan.links if p not in merged}
     retire: list[str] = []
     for point in merged:
         retire += point_files(folder, point)
-    retire += point_files(folder, base, side=False)
+    for target, _group in fplan.merges:
+        retire += point_files(folder, target, side=False)
     for point in fplan.removed:
         retire += point_files(folder, point)
-    dropped = _checkpoint_names(merged, {base.checkpoint})
+    dropped = _checkpoint_names(merged, staying)
     retire += [
         f"{CHECKPOINT_DIR}/{n}.xml"
         for n in dropped
@@ -245,7 +226,7 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
         "install": install,
         "retire": list(dict.fromkeys(retire)),
         "merged": dropped,
-        "base": base.checkpoint,
+        "parents": parents,
         "domain": fplan.domain,
         "creationTimes": _saved_times(folder, dropped),
     }
@@ -254,6 +235,34 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
     on_step("journal")
     _roll_forward(folder, journal, uri, on_step)
     return written
+
+
+def _merge_one(
+    paths: list[str], work: Path, name: str, parent: str | None, verify: bool, on_step: Step
+) -> int:
+    """One disk's files merged into ``work/name`` (with checksum and index), checked."""
+    sink = PartialFile(work / name)
+    try:
+        result = merge_chain(paths, sink.file, name, parent=parent)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.commit()
+    write_atomic(work / f"{name}.chksum", str(result.adler32).encode())
+    write_atomic(work / index_path(name), result.index.to_bytes())
+    on_step(f"written {name}")
+    compared = verify_merged(paths, str(work / name), result.segments, full=verify)
+    log.info(
+        "%s: merged %d files into %s (%d bytes, %d copied as stored, %d bytes compared)",
+        work.parent,
+        len(paths),
+        name,
+        result.index.file_size,
+        result.copied_whole,
+        compared,
+    )
+    on_step(f"verified {name}")
+    return result.index.file_size
 
 
 def _file_of(point: Point, disk: str) -> DataFile:
@@ -303,7 +312,9 @@ def _roll_forward(folder: Path, journal: dict, uri: Libvirt, on_step: Step) -> N
             os.rename(work / name, folder / name)
             on_step(f"installed {name}")
     fsync_dir(folder)
-    _orphan_checkpoint(folder / CHECKPOINT_DIR / f"{journal['base']}.xml")
+    parents = journal.get("parents") or {journal.get("base"): None}
+    for checkpoint, parent in parents.items():
+        _reparent_checkpoint(folder / CHECKPOINT_DIR / f"{checkpoint}.xml", parent)
     merged = sorted(set(read_merged(folder)) | set(journal["merged"]))
     write_atomic(folder / MERGED_FILE, json.dumps({"merged": merged}, indent=2).encode())
     on_step("metadata")
@@ -315,16 +326,27 @@ def _roll_forward(folder: Path, journal: dict, uri: Libvirt, on_step: Step) -> N
     on_step("done")
 
 
-def _orphan_checkpoint(path: Path) -> None:
-    """The new full's checkpoint has no parent any more: drop it from its saved XML."""
+def _reparent_checkpoint(path: Path, parent: str | None) -> None:
+    """The saved XML of a checkpoint whose parent changed: a new full's has
+    none, a merged inc's is the link before the merged ones."""
     try:
         root = ET.fromstring(path.read_text())
     except (OSError, ET.ParseError):
         return
-    parent = root.find("parent")
+    node = root.find("parent")
     if parent is None:
-        return
-    root.remove(parent)
+        if node is None:
+            return
+        root.remove(node)
+    else:
+        if node is None:
+            node = ET.SubElement(root, "parent")
+        name = node.find("name")
+        if name is None:
+            name = ET.SubElement(node, "name")
+        if name.text == parent:
+            return
+        name.text = parent
     write_atomic(path, ET.tostring(root, encoding="unicode").encode())
 
 

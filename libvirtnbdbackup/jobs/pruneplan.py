@@ -65,16 +65,24 @@ class FolderPlan:
     pending: bool = False  # an interrupted prune is to be finished first
 
     @property
-    def merged(self) -> list[Point]:
-        """Links folded into the new full, oldest first."""
-        return [r.point for r in self.rows if r.action == MERGE]
+    def merges(self) -> list[tuple[Point, list[Point]]]:
+        """Each link that takes the place of links merged into it, with them
+        (oldest first). A group that holds the chain's first link makes a
+        new full; any other, an inc on the link before the group."""
+        action = {r.point.key: r.action for r in self.rows}
+        groups: list[tuple[Point, list[Point]]] = []
+        pending: list[Point] = []
+        for link in self.links:
+            if action.get(link.key) == MERGE:
+                pending.append(link)
+            elif pending:
+                groups.append((link, pending))
+                pending = []
+        return groups
 
     @property
-    def new_base(self) -> Point | None:
-        """The link that becomes the synthetic full (None: no merge)."""
-        if not self.merged:
-            return None
-        return self.links[len(self.merged)]
+    def merged(self) -> list[Point]:
+        return [p for _target, group in self.merges for p in group]
 
     @property
     def removed(self) -> list[Point]:
@@ -220,37 +228,39 @@ def plan_prune(root: str | Path, rules: KeepRules) -> PrunePlan:
 
 
 def _decide(plan: FolderPlan, reasons: dict[Hashable, list[str]]) -> None:
+    """Keep, merge or remove each point of one folder.
+
+    The links a kept point stands on directly stay: each link kept by a
+    rule, the parent of each kept diff, and the chain's last link. The
+    links before the oldest of them merge into a new full at it; the links
+    between two of them merge into one inc at the later one.
+    """
     links, diffs = plan.links, plan.diffs
     kept_by_rule = {p.key for p in links + diffs if reasons[p.key]}
-    position = {p.checkpoint: i for i, p in enumerate(links)}
-    # Link position -> the kept point that needs it, the nearest one after it.
-    needed: dict[int, str] = {}
-    tops = [(i, p.ident) for i, p in enumerate(links) if p.key in kept_by_rule]
-    tops += [(position[d.parent], d.ident) for d in diffs if d.key in kept_by_rule]
-    for top, ident in sorted(tops, reverse=True):
-        for j in range(top + 1):
-            needed[j] = ident
     if not kept_by_rule:
         for p in links + diffs:
             plan.rows.append(Row(p, REMOVE, "no rule keeps it"))
         return
-    base = min(top for top, _ident in tops)
-    last_needed = max(needed)
+    position = {p.checkpoint: i for i, p in enumerate(links)}
+    why: dict[int, str] = {}
     for i, p in enumerate(links):
-        rule = ", ".join(reasons[p.key])
-        if i < base:
-            target = links[base].ident
-            plan.rows.append(Row(p, MERGE, f"into the new full at {target}"))
-        elif p.key in kept_by_rule:
+        if p.key in kept_by_rule:
+            why[i] = ", ".join(reasons[p.key])
+    for d in diffs:
+        if d.key in kept_by_rule:
+            why.setdefault(position[d.parent], f"parent of kept diff {d.ident}")
+    why.setdefault(len(links) - 1, "end of the chain: the next inc builds on it")
+    stays = sorted(why)
+    base = stays[0]
+    for i, p in enumerate(links):
+        if i in why:
             suffix = "; becomes the full" if i == base and base > 0 else ""
-            plan.rows.append(Row(p, KEEP, rule + suffix))
-        elif i <= last_needed:
-            suffix = "; becomes the full" if i == base and base > 0 else ""
-            plan.rows.append(Row(p, KEEP, f"needed by {needed[i]}{suffix}"))
-        elif i == len(links) - 1:
-            plan.rows.append(Row(p, KEEP, "end of the chain: the next inc builds on it"))
+            plan.rows.append(Row(p, KEEP, why[i] + suffix))
+        elif i < base:
+            plan.rows.append(Row(p, MERGE, f"into the new full at {links[base].ident}"))
         else:
-            plan.rows.append(Row(p, KEEP, f"needed by {links[-1].ident} (end of the chain)"))
+            target = links[next(j for j in stays if j > i)]
+            plan.rows.append(Row(p, MERGE, f"into {target.ident}"))
     for d in diffs:
         if d.key in kept_by_rule:
             plan.rows.append(Row(d, KEEP, ", ".join(reasons[d.key])))

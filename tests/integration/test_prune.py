@@ -10,6 +10,7 @@ times, as if taken from Mon 2026-11-02 to Mon 2026-11-09.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -68,6 +69,7 @@ SCHEDULE: list[tuple[str, datetime, list[tuple[str, str]]]] = [
     ("inc", datetime(2026, 11, 9, 1), [("write -P 0x81 901M 1M", "write -P 0x81 901M 1M")]),
 ]
 DIFF = "diff"  # the key of the differential in Chain.references
+I = "virtnbdbackup."  # noqa: E741 - short for the checkpoint prefix in the tables
 
 
 @dataclass
@@ -99,6 +101,13 @@ def set_point_date(folder: Path, ident: str, when: datetime) -> None:
                 doc["fingerprint"] = file_fingerprint(fh, doc["fileSize"])
             zeros.write_text(json.dumps(doc))
         Path(f"{path}.idx").unlink()
+        zeros = Path(f"{path}.zeros")  # an inc's discarded ranges name the file's fingerprint
+        if zeros.is_file():
+            doc = json.loads(zeros.read_text())
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                doc["fileSize"], doc["fingerprint"] = size, file_fingerprint(fh, size)
+            zeros.write_text(json.dumps(doc))
         with open(path, "rb") as fh:
             open_index(str(path), fh)  # rebuilt for the new fingerprint
     epoch = when.timestamp()
@@ -158,11 +167,17 @@ def chain(
         remove_vm(vm)
 
 
-def detached_copy(chain: Chain, dest: Path) -> Path:
+PROTECTED = {3: f"{I}2"}  # rule set -> the point protected before it runs
+
+
+def detached_copy(chain: Chain, dest: Path, rules: int | None = None) -> Path:
     """A copy of the chain's folder whose domain libvirt does not know, so that a
-    prune of it leaves the live chain's checkpoints alone."""
+    prune of it leaves the live chain's checkpoints alone; with ``rules``, the
+    point that rule set expects protected is protected."""
     shutil.copytree(chain.folder, dest, copy_function=shutil.copy2)
     (dest / f"{chain.vm.name}.cpt").rename(dest / "detached-copy.cpt")
+    if rules in PROTECTED:
+        (dest / f"{PROTECTED[rules]}.protect").touch()
     return dest
 
 
@@ -186,9 +201,6 @@ def snapshot(folder: Path) -> dict[str, tuple[str, float]]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-I = "virtnbdbackup."  # noqa: E741 - short for the checkpoint prefix in the tables
 
 
 def expected_rows(chain: Chain, rows: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
@@ -219,7 +231,7 @@ RULE_SETS: list[tuple[list[str], dict[str, tuple[str, str]]]] = [
             f"{I}1": ("merge", f"into the new full at {I}4"),
             f"{I}2": ("merge", f"into the new full at {I}4"),
             f"{I}3": ("merge", f"into the new full at {I}4"),
-            f"{I}4": ("keep", "needed by DIFF; becomes the full"),
+            f"{I}4": ("keep", "parent of kept diff DIFF; becomes the full"),
             DIFF: ("keep", "within 2d12h"),
             f"{I}5": ("keep", "within 2d12h"),
             f"{I}6": ("keep", "within 2d12h"),
@@ -241,13 +253,27 @@ RULE_SETS: list[tuple[list[str], dict[str, tuple[str, str]]]] = [
         },
     ),
     (
+        ["--keep-last", "1"],  # with .2 protected: a new full at .2, .3-.6 merged into .7
+        {
+            f"{I}0": ("merge", f"into the new full at {I}2"),
+            f"{I}1": ("merge", f"into the new full at {I}2"),
+            f"{I}2": ("keep", "protected; becomes the full"),
+            f"{I}3": ("merge", f"into {I}7"),
+            f"{I}4": ("merge", f"into {I}7"),
+            DIFF: ("remove", "no rule keeps it"),
+            f"{I}5": ("merge", f"into {I}7"),
+            f"{I}6": ("merge", f"into {I}7"),
+            f"{I}7": ("keep", "last 1"),
+        },
+    ),
+    (
         ["--keep-daily", "10"],  # Friday's newest point is the diff: .4 only needed by it
         {
             f"{I}0": ("keep", "daily 10"),
             f"{I}1": ("keep", "daily 10"),
             f"{I}2": ("keep", "daily 10"),
             f"{I}3": ("keep", "daily 10"),
-            f"{I}4": ("keep", "needed by DIFF"),
+            f"{I}4": ("keep", "parent of kept diff DIFF"),
             DIFF: ("keep", "daily 10"),
             f"{I}5": ("keep", "daily 10"),
             f"{I}6": ("keep", "daily 10"),
@@ -261,7 +287,7 @@ RULE_SETS: list[tuple[list[str], dict[str, tuple[str, str]]]] = [
 def test_dry_run_tables(chain: Chain, tmp_path: Path, rules: int) -> None:
     if chain.compress and rules:
         pytest.skip("the table does not depend on compression; checked on the plain chain")
-    folder = detached_copy(chain, tmp_path / "set")
+    folder = detached_copy(chain, tmp_path / "set", rules)
     before = snapshot(folder)
     args, expected = RULE_SETS[rules]
     proc = prune(folder, "--dry-run", *args)
@@ -281,12 +307,11 @@ def test_protect_marker_pins_a_point(chain: Chain, tmp_path: Path) -> None:
     assert prune(folder, "--protect", f"{I}2").returncode == 0
     assert (folder / f"{I}2.protect").is_file()
     proc = prune(folder, "--dry-run", "--keep-last", "1")
-    rows = table_actions(proc.stdout)
-    assert rows[f"{I}0"] == rows[f"{I}1"] == ("merge", f"into the new full at {I}2")
-    assert rows[f"{I}2"] == ("keep", "protected; becomes the full")
-    assert rows[f"{I}3"] == ("keep", f"needed by {I}7")
-    assert rows[chain.diff_ident] == ("remove", "no rule keeps it")
-    assert rows[f"{I}7"] == ("keep", "last 1")
+    assert table_actions(proc.stdout)[f"{I}2"] == ("keep", "protected; becomes the full")
+    assert prune(folder, "--unprotect", f"{I}2").returncode == 0
+    assert not (folder / f"{I}2.protect").exists()
+    proc = prune(folder, "--dry-run", "--keep-last", "1")
+    assert table_actions(proc.stdout)[f"{I}2"] == ("merge", f"into the new full at {I}7")
     bad = prune(folder, "--protect", "virtnbdbackup.42")
     assert bad.returncode == 1 and "holds no backup virtnbdbackup.42" in bad.stderr
 
@@ -317,13 +342,13 @@ def restores_identical(chain: Chain, folder: Path, work: Path, points: list[str]
         assert images_identical(chain.references[key], dest), f"{point} (mtime order) differs"
 
 
-@pytest.mark.parametrize("rules", [0, 1, 2])
+@pytest.mark.parametrize("rules", [0, 1, 2, 3])
 def test_prune_keeps_every_kept_point_bit_identical(
     chain: Chain, tmp_path: Path, rules: int
 ) -> None:
     if not chain.compress and rules == 2:
         pytest.skip("one merge into the newest link is enough, on the lz4 chain")
-    folder = detached_copy(chain, tmp_path / "set")
+    folder = detached_copy(chain, tmp_path / "set", rules)
     args, expected = RULE_SETS[rules]
     proc = prune(folder, *args)
     assert proc.returncode == 0, proc.stderr
@@ -340,15 +365,19 @@ def test_prune_keeps_every_kept_point_bit_identical(
     assert (meta.checkpoint_name, meta.parent_checkpoint, meta.incremental) == (base, "", False)
     assert meta.compressed == (2 if chain.compress else False)
     assert not (folder / ".virtnbdprune").exists()
-    assert read_meta(str(folder / "vda.full.data")).date.startswith(
-        {"virtnbdbackup.4": "2026-11-06", "virtnbdbackup.5": "2026-11-07"}.get(base, "2026-11-08")
-    )
+    dates = {f"{I}2": "2026-11-04", f"{I}4": "2026-11-06", f"{I}5": "2026-11-07"}
+    assert read_meta(str(folder / "vda.full.data")).date.startswith(dates.get(base, "2026-11-08"))
     merged = [k for k, (a, _r) in want.items() if a == "merge"]
     assert json.loads((folder / "virtnbdprune.json").read_text()) == {"merged": sorted(merged)}
     assert sorted(p.stem for p in (folder / "checkpoints").glob("*.xml")) == sorted(
         k for k in kept if k != chain.diff_ident
     )
     assert "<parent>" not in (folder / "checkpoints" / f"{base}.xml").read_text()
+    links = [k for k in kept if k != chain.diff_ident]
+    for before, after in itertools.pairwise(links):  # merged incs build on the link before
+        assert read_meta(str(folder / f"vda.inc.{after}.data")).parent_checkpoint == before
+        xml = (folder / "checkpoints" / f"{after}.xml").read_text()
+        assert f"<parent><name>{before}</name></parent>" in xml.replace(" ", "").replace("\n", "")
     for gone in merged:
         assert not (folder / f"vmconfig.{gone}.xml").exists()
         assert not (folder / f"vda.{gone}.qcow.json").exists()
@@ -406,16 +435,17 @@ def kill_at(step: str, folder: Path, args: list[str]) -> subprocess.CompletedPro
 def test_sigkill_at_each_step_of_a_merge_loses_nothing(chain: Chain, tmp_path: Path) -> None:
     if chain.compress:
         pytest.skip("the steps do not depend on compression; checked on the plain chain")
-    args, expected = RULE_SETS[1]
+    args, expected = RULE_SETS[3]  # both kinds of merge
     kept = [k for k, (a, _r) in expected_rows(chain, expected).items() if a == "keep"]
-    trial = detached_copy(chain, tmp_path / "trial")
+    trial = detached_copy(chain, tmp_path / "trial", 3)
     steps = kill_at("none", trial, args).stdout.splitlines()
     assert steps[0] == "written vda.full.data" and steps[-1] == "done"
     retired = [s for s in steps if s.startswith("retired")]
     installed = [s for s in steps if s.startswith("installed")]
     chosen = [
         "written vda.full.data",
-        "verified vda.full.data",
+        f"written vda.inc.{I}7.data",
+        f"verified vda.inc.{I}7.data",
         "journal",
         retired[0],
         retired[len(retired) // 2],
@@ -427,7 +457,7 @@ def test_sigkill_at_each_step_of_a_merge_loses_nothing(chain: Chain, tmp_path: P
     ]
     reference = snapshot(trial)
     for n, step in enumerate(chosen):
-        folder = detached_copy(chain, tmp_path / f"kill{n}")
+        folder = detached_copy(chain, tmp_path / f"kill{n}", 3)
         proc = kill_at(step, folder, args)
         assert proc.returncode == -9, (step, proc.stderr)
         finish = prune(folder, *args)
@@ -437,31 +467,8 @@ def test_sigkill_at_each_step_of_a_merge_loses_nothing(chain: Chain, tmp_path: P
         assert {k: v[0] for k, v in state.items() if "lock" not in k} == {
             k: v[0] for k, v in reference.items() if "lock" not in k
         }, step
-        if n in (2, 5, 7):  # spot restores: data moved at these steps
+        if n in (3, 6, 8):  # spot restores: data moved at these steps
             restores_identical(chain, folder, tmp_path / f"r{n}", [kept[0], kept[-1]])
-
-
-def test_next_inc_after_a_merge_continues_the_chain(chain: Chain, tmp_path: Path) -> None:
-    """On the live folder (run last: it changes the VM's checkpoints)."""
-    vm, folder = chain.vm, chain.folder
-    assert vm.checkpoints() == [f"{I}{n}" for n in range(8)]
-    proc = prune(folder, "--keep-last", "2")
-    assert proc.returncode == 0, proc.stderr
-    assert vm.checkpoints() == [f"{I}6", f"{I}7"]
-    assert json.loads((folder / f"{vm.name}.cpt").read_text()) == [f"{I}{n}" for n in range(8)]
-    reference = tmp_path / "reference.qcow2"
-    shutil.copyfile(chain.references[f"{I}7"], reference)
-    hmp_io(vm, "vda", "write -P 0x99 700M 2M")
-    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x99 700M 2M", reference)
-    log = backup_ok(vm, folder, "auto", *(["-z"] if chain.compress else []))
-    assert "full backup" not in log.lower() or "inc" in log.lower()
-    inc = read_meta(str(folder / f"vda.inc.{I}8.data"))
-    assert (inc.checkpoint_name, inc.parent_checkpoint) == (f"{I}8", f"{I}7")
-    assert vm.checkpoints() == [f"{I}6", f"{I}7", f"{I}8"]
-    latest = restore_image(folder, tmp_path / "latest")
-    assert images_identical(reference, latest)
-    at6 = restore_image(folder, tmp_path / "at6", "--until", f"{I}6")
-    assert images_identical(chain.references[f"{I}6"], at6)
 
 
 def test_a_prune_racing_a_backup_is_refused(chain: Chain, tmp_path: Path) -> None:
@@ -511,3 +518,31 @@ def test_a_root_of_month_folders(chain: Chain, tmp_path: Path) -> None:
         f"vda.inc.{I}7.data",
     ]
     restores_identical(chain, november, tmp_path / "r", [f"{I}6", f"{I}7"])
+
+
+def test_next_inc_after_a_merge_continues_the_chain(chain: Chain, tmp_path: Path) -> None:
+    """On the live folder (run last: it changes the VM's checkpoints)."""
+    vm, folder = chain.vm, chain.folder
+    assert vm.checkpoints() == [f"{I}{n}" for n in range(8)]
+    # A new full at .2 (.0 and .1 deleted in libvirt as roots) and .3-.6
+    # merged into .7 (deleted between two kept ones: libvirt folds their
+    # bitmaps into .2's); .7's bitmap, the one that is recording, is untouched.
+    (folder / f"{I}2.protect").touch()
+    proc = prune(folder, "--keep-last", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert vm.checkpoints() == [f"{I}2", f"{I}7"]
+    assert json.loads((folder / f"{vm.name}.cpt").read_text()) == [f"{I}{n}" for n in range(8)]
+    reference = tmp_path / "reference.qcow2"
+    shutil.copyfile(chain.references[f"{I}7"], reference)
+    hmp_io(vm, "vda", "write -P 0x99 700M 2M")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x99 700M 2M", reference)
+    log = backup_ok(vm, folder, "auto", *(["-z"] if chain.compress else []))
+    assert "full backup" not in log.lower() or "inc" in log.lower()
+    inc = read_meta(str(folder / f"vda.inc.{I}8.data"))
+    assert (inc.checkpoint_name, inc.parent_checkpoint) == (f"{I}8", f"{I}7")
+    assert vm.checkpoints() == [f"{I}2", f"{I}7", f"{I}8"]
+    latest = restore_image(folder, tmp_path / "latest")
+    assert images_identical(reference, latest)
+    for point in (f"{I}2", f"{I}7"):
+        at = restore_image(folder, tmp_path / f"at-{point}", "--until", point)
+        assert images_identical(chain.references[point], at), point

@@ -21,7 +21,9 @@ from libvirtnbdbackup.format.index import build_index
 from libvirtnbdbackup.format.merge import merge_chain, verify_merged
 from libvirtnbdbackup.format.reader import StreamReader
 
-from .test_chainimage import SIZE, Frame, apply, layouts, write_file
+from .test_chainimage import BLOCK, SIZE, Frame, apply, layouts, write_file
+
+PIECE = 3 * BLOCK  # the piece size write_file cuts compressed extents at
 
 
 def write_chain(folder: Path, layers: list[list[Frame]], compressed: list[bool]) -> list[str]:
@@ -36,7 +38,7 @@ def write_chain(folder: Path, layers: list[list[Frame]], compressed: list[bool])
 
 def merge_to(paths: list[str], out: Path) -> None:
     with open(out, "wb") as fh:
-        result = merge_chain(paths, fh, out.name)
+        result = merge_chain(paths, fh, out.name, max_piece=PIECE)
     assert result.adler32 == adler32(out.read_bytes())
     with open(out, "rb") as fh:
         assert build_index(fh, str(out)) == result.index
@@ -96,14 +98,17 @@ def test_merged_full_restores_like_the_chain(
     assert kinds  # the file is not empty
 
 
-def test_whole_compressed_extents_are_copied_as_stored(tmp_path: Path) -> None:
+def test_whole_compressed_extents_and_pieces_are_copied_as_stored(tmp_path: Path) -> None:
     base: list[Frame] = [(0, 20, 7), (20, 24, None), (44, 20, 9)]
     inc: list[Frame] = [(50, 4, 3)]  # cuts the second extent, leaves the first whole
     paths = write_chain(tmp_path, [base, inc], [True, True])
     out = tmp_path / "merged.data"
     with open(out, "wb") as fh:
-        result = merge_chain(paths, fh, out.name)
-    assert result.copied_whole == (20 + 4) * 4096  # the first extent and the inc's
+        result = merge_chain(paths, fh, out.name, max_piece=PIECE)
+    # Copied as stored: the first extent and the inc's, whole; of the second
+    # (44..64, pieces of 3 blocks from 44), the pieces the inc leaves whole:
+    # 44-47, 47-50, 56-59, 59-62, 62-64. 50-53 and 53-56 are compressed again.
+    assert result.copied_whole == (20 + 4 + 14) * 4096
     src = Path(paths[0]).read_bytes()
     with open(paths[0], "rb") as fh:
         first = build_index(fh, paths[0]).extents[0]
@@ -136,9 +141,50 @@ def test_verify_finds_a_merged_file_that_differs(tmp_path: Path) -> None:
     paths = write_chain(tmp_path, [[(0, 64, 1)], [(3, 1, 2)]], [False, False])
     out = tmp_path / "merged.data"
     with open(out, "wb") as fh:
-        result = merge_chain(paths, fh, out.name)
+        result = merge_chain(paths, fh, out.name, max_piece=PIECE)
     raw = bytearray(out.read_bytes())
     raw[-100] ^= 0xFF  # in the last data bytes, which the sample always reads
     out.write_bytes(raw)
     with pytest.raises(StreamError, match="differ"):
         verify_merged(paths, str(out), result.segments, full=False)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    base=layouts(full=True),
+    incs=st.lists(layouts(full=False), min_size=3, max_size=5),
+    compressed=st.lists(st.booleans(), min_size=6, max_size=6),
+)
+def test_merged_incs_restore_like_the_incs_they_replace(
+    tmp_path_factory: pytest.TempPathFactory,
+    base: list[Frame],
+    incs: list[list[Frame]],
+    compressed: list[bool],
+) -> None:
+    """incs 2..K merged into one inc on inc 1: the chain full, inc 1, merged
+    restores as before, and the merged file saves exactly what they saved."""
+    folder = tmp_path_factory.mktemp("incmerge")
+    model = bytearray(SIZE)
+    for frames in [base, *incs]:
+        apply(model, frames)
+    paths = write_chain(folder, [base, *incs], compressed)
+    out = folder / "merged.data"
+    with open(out, "wb") as fh:
+        result = merge_chain(paths[2:], fh, out.name, parent="virtnbdbackup.1", max_piece=PIECE)
+    verify_merged(paths[2:], str(out), result.segments, full=True)
+    with open(out, "rb") as fh:
+        reader = StreamReader(fh, str(out))
+        assert reader.meta.incremental and reader.meta.parent_checkpoint == "virtnbdbackup.1"
+        saved = {(f.start, f.length) for f in reader.frames()}
+    expected = set()
+    for start, count, _fill in [f for frames in incs[1:] for f in frames]:
+        expected |= set(range(start, start + count))
+    covered = {b for start, length in saved for b in range(start // 4096, (start + length) // 4096)}
+    assert covered == expected
+    image = ChainImage([paths[0], paths[1], str(out)])
+    try:
+        assert image.read(0, SIZE) == bytes(model)
+    finally:
+        image.close()
