@@ -16,6 +16,7 @@ was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,8 +30,10 @@ from ..adapters.domainxml import boot_files
 from ..adapters.virt import Hypervisor, own_checkpoints
 from ..errors import DomainError, StreamError, TargetError
 from ..format.index import index_path
+from ..format.manifest import FileEntry, Manifest, manifest_name, read_state
 from ..format.merge import merge_chain, verify_merged
-from ..targets.directory import PartialFile, fsync_dir, write_atomic
+from ..format.reader import file_adler32
+from ..targets.directory import DirectoryTarget, PartialFile, fsync_dir, write_atomic
 from ..targets.lock import FolderLock
 from ..targets.private import PRIVATE_DIR
 from .backupset import DataFile
@@ -146,6 +149,7 @@ def point_files(folder: Path, point: Point, *, side: bool = True) -> list[str]:
                     f"{os.path.basename(b)}.{point.ident}" for b in boot_files(config.read_text())
                 ]
         names.append(f"{point.ident}{PROTECT_SUFFIX}")
+        names.append(manifest_name(point.ident))
     return [n for n in dict.fromkeys(names) if (folder / n).exists()]
 
 
@@ -189,6 +193,7 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
     fsync_dir(folder)
     written = 0
     install: list[str] = []
+    new_files: dict[str, list[str]] = {}  # merge target ident -> its new files
     parents: dict[str, str | None] = {}
     try:
         for target, group in fplan.merges:
@@ -201,7 +206,9 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
                 paths = [str(_file_of(p, f.disk).path) for p in [*group, target]]
                 name = f"{f.disk}.full.data" if parent is None else f.name
                 written += _merge_one(paths, work, name, parent, verify, on_step)
-                install += [name, f"{name}.chksum", index_path(name)]
+                made = [name, f"{name}.chksum", index_path(name)]
+                install += made
+                new_files.setdefault(target.ident, []).extend(made)
                 mtime = os.stat(f.path).st_mtime  # 2.x orders a chain by mtime
                 os.utime(work / name, (mtime, mtime))
     except BaseException:
@@ -222,9 +229,15 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
         for n in dropped
         if (folder / CHECKPOINT_DIR / f"{n}.xml").exists()
     ]
+    retire = list(dict.fromkeys(retire))
+    for name, manifest in _updated_manifests(fplan, work, new_files, retire).items():
+        write_atomic(work / name, manifest.to_bytes())
+        install.append(name)
+        if (folder / name).exists() and name not in retire:
+            retire.append(name)
     journal = {
         "install": install,
-        "retire": list(dict.fromkeys(retire)),
+        "retire": retire,
         "merged": dropped,
         "parents": parents,
         "domain": fplan.domain,
@@ -235,6 +248,45 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
     on_step("journal")
     _roll_forward(folder, journal, uri, on_step)
     return written
+
+
+def _updated_manifests(
+    fplan: FolderPlan, work: Path, new_files: dict[str, list[str]], retire: list[str]
+) -> dict[str, Manifest]:
+    """The commit points of the runs that stay, for the set after the merge.
+
+    A merged run's manifest goes with its files. The run each merge lands
+    on lists its new files (size and Adler-32 as written) instead of the
+    ones they replace, and a new full's run becomes a full; any other
+    manifest only drops names that are gone. Runs of 2.x, without a
+    manifest, get none.
+    """
+    folder = fplan.folder
+    state = read_state(DirectoryTarget(folder))
+    targets = {t.ident: t for t, _group in fplan.merges}
+    full_ident = fplan.merges[0][0].ident if fplan.merges[0][1][0] is fplan.links[0] else None
+    gone = set(retire)
+    fresh = {
+        name: FileEntry((work / name).stat().st_size, file_adler32(str(work / name)))
+        for names in new_files.values()
+        for name in names
+    }
+    updated: dict[str, Manifest] = {}
+    for ident, manifest in state.manifests.items():
+        if manifest.name in gone and ident not in targets:
+            continue  # a merged or removed run
+        files = {n: e for n, e in manifest.files.items() if n not in gone}
+        adopted = tuple(n for n in manifest.adopted if n not in gone)
+        level = manifest.level
+        if ident in targets:
+            files.update({n: fresh[n] for n in new_files[ident]})
+            if ident == full_ident:
+                level = "full"
+        if (files, adopted, level) != (manifest.files, manifest.adopted, manifest.level):
+            updated[manifest.name] = dataclasses.replace(
+                manifest, files=files, adopted=adopted, level=level
+            )
+    return updated
 
 
 def _merge_one(

@@ -110,9 +110,36 @@ def set_point_date(folder: Path, ident: str, when: datetime) -> None:
             zeros.write_text(json.dumps(doc))
         with open(path, "rb") as fh:
             open_index(str(path), fh)  # rebuilt for the new fingerprint
+    resum_manifests(folder)
     epoch = when.timestamp()
     for path in [*data_files, *folder.glob(f"*{ident}*")]:
         os.utime(path, (epoch, epoch))
+
+
+def resum_manifests(folder: Path) -> None:
+    """The commit points list the rewritten files as they are now."""
+    for path in folder.glob("manifest.*.json"):
+        doc = json.loads(path.read_text())
+        for name, entry in doc["files"].items():
+            if entry["adler32"] is not None:
+                entry["size"] = (folder / name).stat().st_size
+                entry["adler32"] = file_adler32(str(folder / name))
+        path.write_text(json.dumps(doc))
+
+
+def manifests_match(folder: Path) -> dict[str, dict]:
+    """Every manifest's files exist with the size and Adler-32 it records."""
+    docs = {}
+    for path in folder.glob("manifest.*.json"):
+        doc = json.loads(path.read_text())
+        for name, entry in doc["files"].items():
+            assert (folder / name).is_file(), (path.name, name)
+            if entry["size"] is not None:
+                assert (folder / name).stat().st_size == entry["size"], (path.name, name)
+            if entry["adler32"] is not None:
+                assert file_adler32(str(folder / name)) == entry["adler32"], (path.name, name)
+        docs[doc["ident"]] = doc
+    return docs
 
 
 def _ident(path: Path) -> str:
@@ -382,6 +409,9 @@ def test_prune_keeps_every_kept_point_bit_identical(
         assert not (folder / f"vmconfig.{gone}.xml").exists()
         assert not (folder / f"vda.{gone}.qcow.json").exists()
     assert (folder / f"vmconfig.{base}.xml").is_file()
+    manifests = manifests_match(folder)
+    assert sorted(manifests) == sorted(kept)
+    assert manifests[base]["level"] == "full" and "vda.full.data" in manifests[base]["files"]
     check = run_tool("virtnbdrestore", "-i", folder, "-o", "verify")
     assert check.returncode == 0, check.stderr
     restores_identical(chain, folder, tmp_path, kept)
