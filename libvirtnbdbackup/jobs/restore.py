@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from ..adapters.domainxml import adjust_config
 from ..adapters.hosts import LOCAL, Host
 from ..adapters.nbdclient import NbdAddress, NbdClient
 from ..adapters.virt import Hypervisor
-from ..errors import Interrupted, StreamError, TargetError, UsageError, VirtnbdError
+from ..errors import Interrupted, NbdError, StreamError, TargetError, UsageError, VirtnbdError
 from ..format.chainimage import merge_layers
 from ..format.index import Extent, FileIndex, build_index, load_index
 from ..format.reader import file_adler32, is_stream_file, lz4_content_size, read_meta_doc
@@ -331,10 +332,16 @@ class RestoreJob:
                 qemu.convert_compressed(work, partial, options, self.host)
                 self.host.restrict(partial)
             self.host.commit(partial, image)
-        except BaseException:
+        except BaseException as err:
             with self.cancel.scope():
                 self.cancel.defer()
                 self._discard(partial)
+            if isinstance(err, NbdError) and os.strerror(errno.ENOSPC) in str(err):
+                # qemu-nbd's write failed on the image file: say which file.
+                raise TargetError(
+                    f"cannot write {replay_into}: {os.strerror(errno.ENOSPC)} (the restore "
+                    "target is full: free space or restore to another folder)"
+                ) from None
             raise
         finally:
             if self.opts.compress:
