@@ -406,9 +406,11 @@ def run_backup(args: argparse.Namespace) -> int:
             print(f"{job.label}\t{job.level}\t{job.folder}")
         for failure in plan.failures:
             log.error("hypervisor %s: %s", failure.host.name, failure.message)
-        return EXIT_ERROR if plan.failures else EXIT_OK
+        for vm_failure in plan.vm_failures:
+            log.error("%s/%s: %s", vm_failure.host.name, vm_failure.vm.name, vm_failure.message)
+        return EXIT_ERROR if plan.failures or plan.vm_failures else EXIT_OK
     assert ledger is not None
-    if not plan.jobs and not plan.failures:
+    if not plan.jobs and not plan.failures and not plan.vm_failures:
         if retry is not None:
             log.info("--retry-failed: no selected VM failed in its last backup")
         else:
@@ -443,6 +445,7 @@ def _run(
     )
     try:
         runner.record_host_failures(plan.failures)
+        runner.record_vm_failures(plan.vm_failures)
         outcomes = runner.run(plan.jobs)
     except VirtnbdError as err:
         log.error("%s", err)

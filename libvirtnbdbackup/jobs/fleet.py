@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..adapters.virt import DomainSummary, Hypervisor
-from ..errors import VirtnbdError
+from ..errors import UsageError, VirtnbdError
 from ..targets.fleetledger import FAILED_STATES, Ledger
 from ..targets.fleetlocks import PortLease, PortPool, lock_vm_folder
 from ..targets.lock import FolderLock
@@ -83,9 +83,17 @@ class HostFailure:
 
 
 @dataclass
+class VmFailure:
+    host: HypervisorConfig
+    vm: DomainSummary
+    message: str
+
+
+@dataclass
 class Plan:
     jobs: list[PlannedJob] = field(default_factory=list)
     failures: list[HostFailure] = field(default_factory=list)
+    vm_failures: list[VmFailure] = field(default_factory=list)
 
 
 def job_folder(vm_folder: Path, settings: VmSettings, now: datetime) -> tuple[Path, str, str]:
@@ -134,8 +142,11 @@ def plan_jobs(
             if retry is not None and (host.name, vm.name) not in retry:
                 continue
             settings = config.settings_for(host, vm.name)
-            label = f"{host.name}/{vm.name}"
-            check_name(f"{label}: domain name", vm.name)
+            try:
+                check_name("domain name", vm.name)
+            except UsageError as err:
+                plan.vm_failures.append(VmFailure(host, vm, str(err)))
+                continue
             vm_folder = config.output / host.name / vm.name
             folder, period, level = job_folder(vm_folder, settings, now)
             plan.jobs.append(PlannedJob(host, vm, settings, vm_folder, folder, period, level))
@@ -332,6 +343,26 @@ class FleetRun:
             )
             log.error("hypervisor %s: %s", failure.host.name, failure.message)
             self.outcomes.append(Outcome(failure.host.name, "failed", failure.message))
+
+    def record_vm_failures(self, failures: Iterable[VmFailure]) -> None:
+        """Selected VMs that cannot be backed up at all (e.g. their name)."""
+        for failure in failures:
+            now = self.clock()
+            self.ledger.start_job(
+                self.run_id,
+                now,
+                hypervisor=failure.host.name,
+                uri=failure.host.uri,
+                vm=failure.vm.name,
+                uuid=failure.vm.uuid,
+                tags=failure.vm.tags,
+                state="failed",
+                ended=now,
+                message=failure.message,
+            )
+            label = f"{failure.host.name}/{failure.vm.name}"
+            log.error("%s: %s", label, failure.message)
+            self.outcomes.append(Outcome(label, "failed", failure.message))
 
     def run(self, jobs: list[PlannedJob]) -> list[Outcome]:
         make_private_dir(self.log_dir)

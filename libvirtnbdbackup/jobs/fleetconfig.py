@@ -63,8 +63,10 @@ DEFAULT_PERIOD = "monthly"
 DEFAULT_JOBS = 2
 DEFAULT_NBD_PORTS = 64
 LOCAL_HOST_NAME = "localhost"
-# A host or VM name becomes a folder name: no separators, no hidden files.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_+@%,=-][A-Za-z0-9._+@%,=-]*$")
+# A host or VM name becomes one folder name: one plain path component, not
+# hidden (a dot first: also "." and ".."), no control characters.
+UNSAFE_NAME = re.compile(r"^\.|/|[\x00-\x1f\x7f]")
+MAX_NAME = 255
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -96,9 +98,9 @@ def period_name(period: str, when: datetime) -> str:
 
 
 def check_name(what: str, name: str) -> str:
-    if not SAFE_NAME.match(name):
+    if not name or UNSAFE_NAME.search(name) or len(name.encode()) > MAX_NAME:
         raise UsageError(
-            f"{what} {name!r} cannot be a folder name (letters, digits and ._+@%,=- only, "
+            f"{what} {name!r} cannot be a folder name (no '/', no control characters, "
             "not starting with a dot)"
         )
     return name

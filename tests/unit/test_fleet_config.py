@@ -251,16 +251,20 @@ def test_plan_selects_per_hypervisor_interleaves_and_reports_unreachable(tmp_pat
     assert [(f.host.name, f.message) for f in plan.failures] == [("c", "cannot connect to c")]
     retried = plan_jobs(config, datetime(2026, 11, 5), retry={("b", "x2")}, connect=listing)
     assert [j.label for j in retried.jobs] == ["b/x2"]
-    bad = {"a": [summary("web.hidden"), summary(".web")], "b": [], "c": []}
-    with pytest.raises(UsageError, match="cannot be a folder name"):
-        plan_jobs(
-            FleetConfig(
-                output=tmp_path, hypervisors=[HypervisorConfig("qemu:///system", "a",
-                selection=Selection(parse_selectors(["re:web"])))]
-            ),
-            datetime(2026, 11, 5),
-            connect=lambda h: bad[h.name],
-        )  # fmt: skip
+    odd = {"a": [summary("web.ok"), summary(".web"), summary("web/x"), summary("Web Server 1")]}
+    named = plan_jobs(
+        FleetConfig(
+            output=tmp_path, hypervisors=[HypervisorConfig("qemu:///system", "a",
+            selection=Selection(parse_selectors(["re:(?i)web"])))]
+        ),
+        datetime(2026, 11, 5),
+        connect=lambda h: odd[h.name],
+    )  # fmt: skip
+    assert [j.vm.name for j in named.jobs] == ["web.ok", "Web Server 1"]
+    assert [(f.vm.name, "cannot be a folder name" in f.message) for f in named.vm_failures] == [
+        (".web", True),
+        ("web/x", True),
+    ]
 
 
 def test_port_leases_never_overlap(tmp_path: Path) -> None:
