@@ -23,11 +23,12 @@ PLUGIN = str(Path(__file__).resolve().parents[1] / "nbdkitplugin.py")
 _EXCEPTION_PREFIX = re.compile(r"^\s*[\w.]*(Error|Exception): ")
 START_TIMEOUT = 120.0
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
-# Each decompressed LZ4 piece is a fresh allocation of up to 32 MiB. By
-# default glibc maps and unmaps each one, and the page faults cost more than
-# the decompression (measured: about 1.7 times the read throughput of a
-# compressed chain with these settings). One arena that keeps freed memory
-# lets the pieces reuse it; the piece cache bounds how much is in use.
+# Decompressed LZ4 pieces come and go in slices of 1 MiB. By default glibc
+# maps and unmaps such allocations, or keeps freed ones per thread arena, and
+# the page faults cost more than the decompression (measured: about 1.7
+# times the read throughput of a compressed chain with these settings). One
+# arena that keeps freed memory lets the slices reuse it; the piece cache
+# bounds how much is in use.
 MALLOC_TUNING = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
     "MALLOC_TRIM_THRESHOLD_": str(1 << 30),

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lz4.frame
 from tqdm import tqdm
 
 from ..adapters import qemu
@@ -28,7 +27,8 @@ from ..adapters.virt import Hypervisor
 from ..errors import Interrupted, NbdError, StreamError, TargetError, UsageError, VirtnbdError
 from ..format.chainimage import merge_layers
 from ..format.index import Extent, FileIndex, build_index, load_index
-from ..format.reader import file_adler32, is_stream_file, lz4_content_size, read_meta_doc
+from ..format.lz4piece import decompressed_slices
+from ..format.reader import file_adler32, is_stream_file, read_meta_doc
 from ..interrupts import Cancel
 from ..targets.directory import PARTIAL_SUFFIX
 from ..targets.lock import FolderLock
@@ -533,33 +533,12 @@ class FileSource:
     ) -> Iterator[tuple[int, memoryview]]:
         """The planned parts of one LZ4 frame, decompressed ``CHUNK`` bytes at a time."""
         where = f"{self.path} at offset {piece.position}"
-        damaged = StreamError(
-            f"{where}: compressed piece does not hold the {piece.length} bytes of its "
-            "extent (the data is damaged)"
-        )
-        unpacker = lz4.frame.LZ4FrameDecompressor()
         disk = piece.start
-        end = piece.position + piece.stored
-        try:
-            for pos in range(piece.position, end, CHUNK):
-                packed = os.pread(self._fd, min(CHUNK, end - pos), pos)
-                if not packed:
-                    raise StreamError(
-                        f"{where}: file ends inside compressed data (the file is truncated)"
-                    )
-                if pos == piece.position and lz4_content_size(packed, where) != piece.length:
-                    raise damaged
-                raw = unpacker.decompress(packed, max_length=CHUNK)
-                while raw:
-                    if disk + len(raw) > piece.start + piece.length:
-                        raise damaged
-                    yield from _clip(disk, memoryview(raw), parts)
-                    disk += len(raw)
-                    raw = b"" if unpacker.needs_input else unpacker.decompress(b"", CHUNK)
-        except RuntimeError as err:
-            raise StreamError(f"{where}: compressed data is damaged: {err}") from None
-        if disk != piece.start + piece.length or not unpacker.eof or unpacker.unused_data:
-            raise damaged
+        for raw in decompressed_slices(
+            self._fd, piece.position, piece.stored, piece.length, where, CHUNK
+        ):
+            yield from _clip(disk, memoryview(raw), parts)
+            disk += len(raw)
 
 
 def _clip(

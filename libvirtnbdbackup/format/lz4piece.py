@@ -1,0 +1,74 @@
+"""Decompress one LZ4 piece of a data file, a slice at a time, checked.
+
+A piece is one LZ4 frame (stream-format.md): at most 32 MiB of disk bytes,
+stored as a few bytes or many MiB. It is read ``slice`` bytes at a time and
+handed out in slices of ``slice`` decompressed bytes (the last shorter), so
+neither side is ever held whole. lz4 checks each block's checksum before it
+outputs the block's bytes, and the content checksum at the end; here the
+frame must hold exactly the bytes the index or trailer says, and nothing
+after them.
+
+lz4's own ``LZ4FrameDecompressor`` copies the input it has not used yet on
+every call, which for well-compressed data means copying the same input
+again and again; the low-level calls used here take a view instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import lz4.frame
+
+from ..errors import StreamError
+from .reader import lz4_content_size
+
+SLICE = 1024 * 1024
+
+
+def decompressed_slices(
+    fd: int, position: int, stored: int, length: int, where: str, slice_size: int = SLICE
+) -> Iterator[bytes]:
+    """The ``length`` disk bytes of the piece stored in ``stored`` bytes at
+    file offset ``position`` of ``fd``; ``where`` names it in errors."""
+    damaged = StreamError(
+        f"{where}: compressed piece does not hold the {length} bytes of its extent "
+        "(the data is damaged)"
+    )
+    context = lz4.frame.create_decompression_context()
+    pos, end = position, position + stored
+    view = memoryview(b"")
+    parts: list[bytes] = []  # of the slice being filled
+    filled = total = 0
+    eof = False
+    while not eof:
+        if not view and pos < end:
+            data = os.pread(fd, min(slice_size, end - pos), pos)
+            if not data:
+                raise StreamError(
+                    f"{where}: file ends inside compressed data (the file is truncated)"
+                )
+            if pos == position and lz4_content_size(data, where) != length:
+                raise damaged
+            pos += len(data)
+            view = memoryview(data)
+        try:
+            out, used, eof = lz4.frame.decompress_chunk(
+                context, view, max_length=slice_size - filled
+            )
+        except RuntimeError as err:
+            raise StreamError(f"{where}: compressed data is damaged: {err}") from None
+        view = view[used:]
+        if out:
+            parts.append(out)
+            filled += len(out)
+            total += len(out)
+            if total > length:
+                raise damaged
+        elif not used and (view or pos >= end):
+            raise damaged  # no progress: the frame goes on past its stored bytes
+        if filled == slice_size or (eof and parts):
+            yield b"".join(parts)
+            parts, filled = [], 0
+    if total != length or view or pos != end:
+        raise damaged
