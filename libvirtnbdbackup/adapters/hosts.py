@@ -6,12 +6,14 @@ and a remote backup or restore share one code path.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, BinaryIO, Protocol
 
 from ..targets.private import (
@@ -62,6 +64,10 @@ class Host(Protocol):
 
     def remove_tree(self, path: str) -> None:
         """Remove a folder and what it holds; a missing one is no error."""
+        ...
+
+    def forward(self, remote_socket: str) -> AbstractContextManager[str]:
+        """A local path that reaches the unix socket ``remote_socket`` of this host."""
         ...
 
     def commit(self, partial: str, final: str) -> None:
@@ -126,6 +132,9 @@ class LocalHost:
 
     def remove_tree(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+    def forward(self, remote_socket: str) -> AbstractContextManager[str]:
+        return contextlib.nullcontext(remote_socket)
 
     def commit(self, partial: str, final: str) -> None:
         _fsync(partial)

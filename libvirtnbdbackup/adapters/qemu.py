@@ -23,6 +23,7 @@ from .ssh import SSH_FAILED, unreachable
 log = logging.getLogger(__name__)
 
 TLS_ID = "tls0"
+REMOTE_SOCKET_PARENT = "/var/tmp"  # where a remote qemu-nbd's private socket folder goes
 
 
 def run(cmd: list[str], what: str, host: Host = LOCAL) -> str:
@@ -115,8 +116,10 @@ def convert_compressed(source: str, dest: str, options: list[str], host: Host = 
 
 def convert_raw_to_nbd(source: str, target: NbdAddress) -> None:
     """Copy a local raw image into an NBD export (of the same size)."""
-    assert target.host is not None
-    opts = f"driver=nbd,server.type=inet,server.host={target.host},server.port={target.port}"
+    if target.socket:
+        opts = f"driver=nbd,server.type=unix,server.path={target.socket}"
+    else:
+        opts = f"driver=nbd,server.type=inet,server.host={target.host},server.port={target.port}"
     cmd = ["qemu-img", "convert", "-q", "-n", "-f", "raw"]
     if target.tls_dir:
         cmd += ["--object", _tls_object(target.tls_dir, "client")]
@@ -163,8 +166,13 @@ def nbd_server(
     (2.x's restore ``-f``); qemu-nbd removes it when it ends.
     """
     workdir = None
+    remote_dir = None  # a remote host's private folder for the socket, forwarded over SSH
     args = ["--format", fmt, "--export-name", export, "--shared", str(connections)]
-    if tcp is None and socket is not None:
+    if tcp is None and host.is_remote:
+        remote_dir = host.make_scratch_dir(REMOTE_SOCKET_PARENT, None)
+        address = NbdAddress(socket=f"{remote_dir}/nbd.sock")
+        args += ["--socket", address.socket or ""]
+    elif tcp is None and socket is not None:
         if os.path.exists(socket):
             raise QemuToolError(f"socket {socket} exists already: another NBD server uses it?")
         address = NbdAddress(socket=socket)
@@ -194,15 +202,24 @@ def nbd_server(
     except FileNotFoundError:
         if workdir:
             os.rmdir(workdir)
+        if remote_dir:
+            host.remove_tree(remote_dir)
         raise QemuToolError(f"{argv[0]} is not installed (install {_package(argv[0])})") from None
     try:
         assert proc.stdout is not None and proc.stderr is not None
         if proc.stdout.readline().strip() != b"ready":
             proc.wait()
             raise _serve_error(image, host, address, proc.returncode, proc.stderr.read())
-        yield address
+        if remote_dir and address.socket:
+            with host.forward(address.socket) as local:
+                yield NbdAddress(socket=local)
+        else:
+            yield address
     finally:
         _stop_server(proc)
+        if remote_dir:
+            with contextlib.suppress(VirtnbdError):
+                host.remove_tree(remote_dir)
         if address.socket and os.path.exists(address.socket) and (workdir or socket):
             os.unlink(address.socket)
         if workdir:

@@ -11,11 +11,15 @@ ones (servers) get their own, as sshd limits the sessions per connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
@@ -54,10 +58,12 @@ class SshHost:
     def login(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.host
 
-    def ssh_argv(self, *, dedicated: bool = False, control: str | None = None) -> list[str]:
+    def ssh_argv(
+        self, *, dedicated: bool = False, control: str | None = None, extra: tuple[str, ...] = ()
+    ) -> list[str]:
         """ssh and its options up to the host; ``control`` is a -O command
-        for the shared connection."""
-        argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30"]
+        for the shared connection, ``extra`` more options (-L)."""
+        argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", *extra]
         if control:
             argv += ["-O", control]
         if self.control_path and not dedicated:
@@ -83,6 +89,54 @@ class SshHost:
                 self.ssh_argv(control="exit"), capture_output=True, check=False, timeout=30
             )
         shutil.rmtree(os.path.dirname(self.control_path), ignore_errors=True)
+
+    @contextmanager
+    def forward(self, remote_socket: str) -> Iterator[str]:
+        """A local unix socket forwarded to ``remote_socket`` on the host,
+        over the shared connection (or, without one, a connection of its
+        own); yields its path. The socket is in a fresh 0700 folder and
+        ssh creates it 0600 (StreamLocalBindMask): it is ours alone."""
+        folder = tempfile.mkdtemp(prefix="virtnbdbackup-fwd.")
+        local = os.path.join(folder, "nbd.sock")
+        spec = ("-L", f"{local}:{remote_socket}")
+        proc = None
+        try:
+            if self.control_path and os.path.exists(self.control_path):
+                self._mux("forward", spec)
+            else:
+                proc = self._forwarding_session(spec)
+            yield local
+        finally:
+            if proc is not None:
+                _end_session(proc)
+            else:
+                with contextlib.suppress(SshError):
+                    self._mux("cancel", spec)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _mux(self, command: str, spec: tuple[str, ...]) -> None:
+        cmd = self.ssh_argv(control=command, extra=("-o", "ExitOnForwardFailure=yes", *spec))
+        log.debug("running %s", shlex.join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, check=False, timeout=60)
+        if proc.returncode != 0:
+            reason = proc.stderr.decode(errors="replace").strip() or f"exit {proc.returncode}"
+            raise SshError(f"{self.host}: cannot forward {spec[1]} over SSH: {reason}")
+
+    def _forwarding_session(self, spec: tuple[str, ...]) -> subprocess.Popen[bytes]:
+        """A connection that forwards until our end of its stdin closes (we
+        are done, or gone)."""
+        argv = self.ssh_argv(dedicated=True, extra=("-o", "ExitOnForwardFailure=yes", *spec))
+        cmd = [*argv, "echo ready; read -r _"]
+        log.debug("running %s", shlex.join(cmd))
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        if proc.stdout.readline().strip() != b"ready":
+            proc.wait()
+            detail = proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise SshError(unreachable(self.login, detail[-1] if detail else "no answer"))
+        return proc
 
     def check(self) -> None:
         """Fail early, with the reason, when the host cannot be reached."""
@@ -161,6 +215,20 @@ class SshHost:
         if proc.returncode == SSH_FAILED:
             raise SshError(unreachable(self.login, reason))
         raise SshError(f"{self.host}: cannot {what}: {reason}")
+
+
+def _end_session(proc: subprocess.Popen[bytes]) -> None:
+    if proc.stdin:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
 
 
 def unreachable(login: str, reason: str) -> str:

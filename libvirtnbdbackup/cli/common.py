@@ -206,22 +206,25 @@ def add_remote_args(parser: argparse.ArgumentParser) -> None:
         "-P",
         "--nbd-port",
         type=int,
-        default=DEFAULT_PORT,
-        help="TCP port of the remote NBD server; give each backup or restore running at the "
+        default=None,
+        help="Put the remote NBD server on this TCP port, unencrypted and unauthenticated "
+        "unless --tls is given, as 2.47 did; give each backup or restore running at the "
         "same time its own (a shut-off domain uses one port per disk, from this one up). "
-        "(default: %(default)s)",
+        f"(default: a unix socket forwarded over SSH; {DEFAULT_PORT} with -I or --tls)",
     )
     group.add_argument(
         "-I",
         "--nbd-ip",
         default=None,
-        help="Address the remote NBD server listens on, e.g. on a dedicated backup network. "
-        "(default: the host of the URI)",
+        help="Put the remote NBD server on TCP at this address, e.g. on a dedicated backup "
+        "network (plain NBD unless --tls is given). "
+        "(default: the host of the URI, with -P or --tls)",
     )
     group.add_argument(
         "--tls",
         action="store_true",
-        help="Transfer the disks over NBD with TLS (x509 certificates). (default: %(default)s)",
+        help="Transfer the disks over NBD on TCP with TLS (x509 certificates) instead of "
+        "over SSH. (default: %(default)s)",
     )
     group.add_argument(
         "--tls-cert",
@@ -238,10 +241,11 @@ def remote_options(args: argparse.Namespace) -> RemoteOptions:
         ssh_user=args.ssh_user,
         ssh_port=args.ssh_port,
         ssh_key=args.ssh_private_key,
-        nbd_port=args.nbd_port,
+        nbd_port=DEFAULT_PORT if args.nbd_port is None else args.nbd_port,
         nbd_ip=args.nbd_ip,
         tls=args.tls,
         tls_cert=args.tls_cert,
+        over_ssh=args.nbd_port is None and args.nbd_ip is None and not args.tls,
     )
 
 

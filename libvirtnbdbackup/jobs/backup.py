@@ -139,6 +139,7 @@ class BackupJob:
             self.host = self.remote.host()
             if self.host.is_remote:
                 log.info("domain %s runs on %s: files over SSH", domain.name, self.host.name)
+                log.info("%s", self.remote.describe_transport())
             try:
                 return self._run(domain, self.opts.level)
             except BaseException as err:
@@ -233,7 +234,7 @@ class BackupJob:
             folder, suffix = self._scratch_folder(domain_xml), ""
         scratch = {d.target: f"{folder}/backup.{domain.name}.{d.target}{suffix}" for d in disks}
         bind = None
-        if self.remote.is_remote:
+        if self.remote.over_tcp:
             server = self.remote.nbd_address()
             bind = self.remote.bind_address()
         else:
@@ -294,7 +295,8 @@ class BackupJob:
             self.cancel.check()  # a signal while the job started
             if not self.opts.printonly:
                 self._files = self._begin_files(step)
-            results = self._backup_disks(disks, step, partial(self._job_export, server, step))
+            with self._reach(server) as reach:
+                results = self._backup_disks(disks, step, partial(self._job_export, reach, step))
             if self.opts.printonly:
                 print(sum(r.data_size for r in results), flush=True)
             else:
@@ -368,6 +370,17 @@ class BackupJob:
             checkpoint,
             who,
         )
+
+    @contextmanager
+    def _reach(self, server: NbdAddress) -> Iterator[NbdAddress]:
+        """Where this host connects to the job's NBD server: a socket on the
+        hypervisor is forwarded over SSH, anything else reached as it is."""
+        if self.remote.over_ssh and server.socket:
+            with self.host.forward(server.socket) as local:
+                log.info("NBD socket %s of %s forwarded to %s", server, self.host.name, local)
+                yield NbdAddress(socket=local)
+        else:
+            yield server
 
     def _check_bitmap_support(self, disks: list[Disk]) -> None:
         """qcow2 v2 (compat 0.10) images cannot store dirty bitmaps."""
@@ -538,7 +551,7 @@ class BackupJob:
     ) -> Iterator[Export]:
         """qemu-nbd for one disk; on a remote host each disk gets its own port."""
         assert disk.path is not None
-        remote = self.remote.is_remote
+        remote = self.remote.over_tcp
         with qemu.nbd_server(
             disk.path,
             disk.format,

@@ -2,9 +2,10 @@
 and where its NBD servers listen.
 
 A libvirt URI with a host part (``qemu+ssh://root@hv1/system``) means the
-domain runs elsewhere: disks then travel over NBD on TCP, optionally with
-TLS, and commands and files over SSH. Everything else is local, over unix
-sockets.
+domain runs elsewhere: commands and files then go over SSH, and so do the
+disks by default (NBD on a unix socket of the hypervisor, forwarded by
+OpenSSH); -P, -I or --tls put NBD on TCP as 2.47 did, with TLS for
+--tls. Everything else is local, over unix sockets.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class RemoteOptions:
     nbd_ip: str | None = None  # address the remote NBD server binds to
     tls: bool = False
     tls_cert: str = DEFAULT_TLS_DIR
+    # NBD on a unix socket of the hypervisor, forwarded over SSH: the default.
+    # False (TCP, as in 2.47) when -P, -I or --tls asked for it.
+    over_ssh: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,32 @@ class Remote:
     @property
     def is_remote(self) -> bool:
         return self.uri.is_remote
+
+    @property
+    def over_ssh(self) -> bool:
+        """Whether NBD travels over a unix socket forwarded through SSH."""
+        return self.uri.is_remote and self.opts.over_ssh and not self.opts.tls
+
+    @property
+    def over_tcp(self) -> bool:
+        """Whether the remote NBD servers listen on TCP (-P, -I, --tls)."""
+        return self.uri.is_remote and not self.over_ssh
+
+    def describe_transport(self) -> str:
+        """For the log: how the disks travel, and what changed from 2.47."""
+        if self.over_ssh:
+            return (
+                "disks travel over NBD on a unix socket of the hypervisor, forwarded through "
+                "the SSH connection (authenticated, encrypted; the default since 2.47's plain "
+                "TCP: give -P, -I or --tls for NBD over TCP)"
+            )
+        if self.opts.tls:
+            return "disks travel over NBD on TCP with TLS (--tls)"
+        return (
+            "disks travel over plain NBD on TCP (-P/-I given): unauthenticated and "
+            "unencrypted, anyone who reaches the port reads the disk; prefer the default "
+            "(SSH) or --tls on a network you do not trust"
+        )
 
     def host(self) -> Host:
         """This machine, or the hypervisor over SSH (checked to answer); the

@@ -144,6 +144,7 @@ class RestoreJob:
         if self.remote.is_remote:
             self.host = self.remote.host()
             log.info("restoring to %s on %s", self.output, self.host.name)
+            log.info("%s", self.remote.describe_transport())
         # QEMU's user must reach the images once libvirt gives them to it (-D).
         self.host.makedirs(self.output, TRAVERSE_DIR)
         if self.host.is_remote:
@@ -247,9 +248,9 @@ class RestoreJob:
     def _serve(
         self, image: str, fmt: str, connections: int = 1
     ) -> AbstractContextManager[NbdAddress]:
-        """qemu-nbd for an image being restored: a unix socket here, TCP on a
-        remote host."""
-        remote = self.remote.is_remote
+        """qemu-nbd for an image being restored: a unix socket here; on a
+        remote host one forwarded over SSH, or TCP (-P, -I, --tls)."""
+        remote = self.remote.over_tcp
         return qemu.nbd_server(
             image,
             fmt,

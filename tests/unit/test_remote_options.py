@@ -92,3 +92,26 @@ def test_backup_xml_servers() -> None:
         "port": "10809",
         "tls": "yes",
     }
+
+
+@pytest.mark.parametrize(
+    ("argv", "over_ssh", "port"),
+    [
+        ([], True, 10809),
+        (["-P", "10900"], False, 10900),
+        (["-I", "192.0.2.7"], False, 10809),
+        (["--tls"], False, 10809),
+    ],
+)
+def test_remote_transport_is_ssh_unless_tcp_is_asked_for(
+    argv: list[str], over_ssh: bool, port: int
+) -> None:
+    from libvirtnbdbackup.cli.backup import build_parser
+    from libvirtnbdbackup.cli.common import remote_options
+
+    args = build_parser().parse_args(["-d", "vm", "-o", "/x", *argv])
+    opts = remote_options(args)
+    assert (opts.over_ssh, opts.nbd_port) == (over_ssh, port)
+    if not opts.tls:  # --tls would check the client certificates here
+        assert Remote("qemu+ssh://root@hv1/system", opts).over_ssh == over_ssh
+    assert not Remote("qemu:///system", RemoteOptions()).over_ssh
