@@ -33,6 +33,7 @@ from libvirtnbdbackup.jobs.fleetconfig import (
     period_name,
 )
 from libvirtnbdbackup.jobs.fleetselect import Selection, parse_selector, parse_selectors
+from libvirtnbdbackup.jobs.fleetstatus import fleet_status
 from libvirtnbdbackup.targets.fleetledger import SCHEMA, Ledger
 from libvirtnbdbackup.targets.fleetlocks import PortPool, lock_vm_folder
 
@@ -405,3 +406,37 @@ def test_a_first_release_ledger_gets_the_retention_columns(tmp_path: Path) -> No
     assert (row.vm, row.state, row.prune_state) == ("vm1", "ok", None)
     ledger.update_job(row.id, prune_state="ok")
     assert ledger.jobs()[0].prune_state == "ok"
+
+
+def test_status_per_vm_from_the_ledger(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    run1 = ledger.start_run(100.0, ["virtnbdfleet"], 2)
+
+    def job(run: int, vm: str, state: str, ended: float | None, tags: tuple[str, ...] = ()) -> None:
+        row = ledger.start_job(run, 100.0, hypervisor="h", uri="u", vm=vm, tags=tags)
+        ledger.update_job(row, state=state, ended=ended, bytes=5, message=f"{vm} {state}")
+
+    job(run1, "a", "ok", 110.0, ("nightly",))
+    job(run1, "b", "ok", 110.0)
+    job(run1, "c", "failed", 111.0)
+    ledger.end_run(run1, 120.0, "done", 1, 1, "")
+    run2 = ledger.start_run(200.0, ["virtnbdfleet"], 2)
+    job(run2, "b", "failed", 210.0)
+    job(run2, "a", "running", None, ("nightly",))  # its run was killed hard
+    ledger.close()
+    db = sqlite3.connect(tmp_path / "virtnbdfleet.sqlite")
+    db.execute("UPDATE runs SET pid = 999999999 WHERE id = ?", (run2,))
+    db.commit()
+    db.close()
+    ledger = Ledger(tmp_path, create=False)
+    rows = {r.vm: r for r in fleet_status(ledger)}
+    assert rows["a"].state == "lost" and rows["a"].last_good is not None
+    assert rows["a"].age(1110.0) == 1000.0
+    assert rows["b"].state == "failed" and rows["b"].last_good is not None
+    assert rows["b"].last_failure is not None and rows["b"].last_failure.message == "b failed"
+    assert rows["c"].last_good is None and rows["c"].age(1110.0) is None
+    tagged = fleet_status(ledger, Selection(parse_selectors(["tag:nightly"])))
+    assert [r.vm for r in tagged] == ["a"]
+    assert fleet_status(ledger, hosts={"other"}) == []
+    report = rows["b"].as_dict(1110.0)
+    assert report["state"] == "failed" and report["last_good"]["bytes"] == 5
