@@ -76,7 +76,9 @@ class _Cursor:
     def read(self, n: int) -> memoryview:
         """The next ``n`` bytes; up to ``CHUNK`` of them in a buffer that the
         next read reuses (every consumer writes or copies them at once)."""
-        view = self._buffer[:n] if n <= CHUNK else memoryview(bytearray(n))
+        if n > len(self._buffer):  # a whole compressed piece: grow the one buffer
+            self._buffer = memoryview(bytearray(n))
+        view = self._buffer[:n]
         got = 0
         while got < n:
             k = os.preadv(self._fd, [view[got:]], self.pos + got)
@@ -125,6 +127,7 @@ class _Cursor:
             return self.piece[2]
         position = self.piece_position(extent, number)
         packed, unpacked = extent.pieces[number]
+        self.piece = None  # let the last piece go before the next is made
         self.skip_to(position)
         raw = self.read(packed)
         try:
@@ -397,7 +400,7 @@ def verify_merged(paths: list[str], merged: str, segments: list[Segment], *, ful
     old = ChainImage(paths, cache_bytes=CHECK_CACHE)
     new = ChainImage([merged], cache_bytes=CHECK_CACHE, indexes=[index])
     try:
-        windows = _windows(new_map, size, full)
+        windows = _windows(new_map, size, full, index.compressed)
         compared = 0
         for start, length in windows:
             if old.read(start, length) != new.read(start, length):
@@ -425,17 +428,24 @@ def _tiled(segments: list[Segment], size: int) -> list[Segment]:
     return out
 
 
-def _windows(runs: list[tuple[int, int, bool]], size: int, full: bool) -> list[tuple[int, int]]:
+def _windows(
+    runs: list[tuple[int, int, bool]], size: int, full: bool, compressed: bool = False
+) -> list[tuple[int, int]]:
     data = [(s, e) for s, e, d in runs if d]
     if full:
         return [(pos, min(CHUNK, e - pos)) for s, e in data for pos in range(s, e, CHUNK)]
     rng = random.Random(size ^ len(data))
-    chosen = data if len(data) <= SAMPLE_SEGMENTS else rng.sample(data, SAMPLE_SEGMENTS)
+    # Compressed, each window costs the decompression of a piece on both
+    # sides: half as many, the run ends (where merges cut) before the rest.
+    segments = SAMPLE_SEGMENTS // 2 if compressed else SAMPLE_SEGMENTS
+    chosen = data if len(data) <= segments else rng.sample(data, segments)
     windows = set()
     for s, e in chosen:
         windows.add((s, min(SAMPLE_SPAN, e - s)))
         windows.add((max(s, e - SAMPLE_SPAN), min(SAMPLE_SPAN, e - s)))
-    for _ in range(SAMPLE_RANDOM if size > SAMPLE_SPAN else 0):
+    for _ in range(
+        (SAMPLE_RANDOM // 4 if compressed else SAMPLE_RANDOM) if size > SAMPLE_SPAN else 0
+    ):
         pos = rng.randrange(0, size - SAMPLE_SPAN)
         windows.add((pos, SAMPLE_SPAN))
     return sorted(windows)

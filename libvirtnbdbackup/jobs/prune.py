@@ -33,6 +33,7 @@ from ..format.index import index_path
 from ..format.manifest import FileEntry, Manifest, manifest_name, read_state
 from ..format.merge import merge_chain, verify_merged
 from ..format.reader import file_adler32
+from ..format.zeros import zeros_of_index, zeros_path
 from ..targets.directory import DirectoryTarget, PartialFile, fsync_dir, write_atomic
 from ..targets.lock import FolderLock
 from ..targets.private import PRIVATE_DIR
@@ -205,8 +206,8 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
                     continue  # a raw image saved with the full stays as it is
                 paths = [str(_file_of(p, f.disk).path) for p in [*group, target]]
                 name = f"{f.disk}.full.data" if parent is None else f.name
-                written += _merge_one(paths, work, name, parent, verify, on_step)
-                made = [name, f"{name}.chksum", index_path(name)]
+                size, made = _merge_one(paths, work, name, parent, verify, on_step)
+                written += size
                 install += made
                 new_files.setdefault(target.ident, []).extend(made)
                 mtime = os.stat(f.path).st_mtime  # 2.x orders a chain by mtime
@@ -267,7 +268,8 @@ def _updated_manifests(
     full_ident = fplan.merges[0][0].ident if fplan.merges[0][1][0] is fplan.links[0] else None
     gone = set(retire)
     fresh = {
-        name: FileEntry((work / name).stat().st_size, file_adler32(str(work / name)))
+        # A data file's sum is its writer's (written to its .chksum): no second read.
+        name: FileEntry((work / name).stat().st_size, _sum_of(work, name))
         for names in new_files.values()
         for name in names
     }
@@ -289,10 +291,18 @@ def _updated_manifests(
     return updated
 
 
+def _sum_of(work: Path, name: str) -> int:
+    if name.endswith(".data"):
+        return int((work / f"{name}.chksum").read_text())
+    return file_adler32(str(work / name))
+
+
 def _merge_one(
     paths: list[str], work: Path, name: str, parent: str | None, verify: bool, on_step: Step
-) -> int:
-    """One disk's files merged into ``work/name`` (with checksum and index), checked."""
+) -> tuple[int, list[str]]:
+    """One disk's files merged into ``work/name`` with its side files
+    (checksum, index, and for an inc its zero ranges), checked; its size
+    and the names made."""
     sink = PartialFile(work / name)
     try:
         result = merge_chain(paths, sink.file, name, parent=parent)
@@ -302,6 +312,10 @@ def _merge_one(
     sink.commit()
     write_atomic(work / f"{name}.chksum", str(result.adler32).encode())
     write_atomic(work / index_path(name), result.index.to_bytes())
+    made = [name, f"{name}.chksum", index_path(name)]
+    if parent is not None:  # an inc holds data frames only; its zero ranges go here
+        write_atomic(work / zeros_path(name), zeros_of_index(result.index))
+        made.append(zeros_path(name))
     on_step(f"written {name}")
     compared = verify_merged(paths, str(work / name), result.segments, full=verify)
     log.info(
@@ -314,7 +328,7 @@ def _merge_one(
         compared,
     )
     on_step(f"verified {name}")
-    return result.index.file_size
+    return result.index.file_size, made
 
 
 def _file_of(point: Point, disk: str) -> DataFile:

@@ -20,6 +20,7 @@ from libvirtnbdbackup.format.frames import Kind
 from libvirtnbdbackup.format.index import build_index
 from libvirtnbdbackup.format.merge import merge_chain, verify_merged
 from libvirtnbdbackup.format.reader import StreamReader
+from libvirtnbdbackup.format.zeros import zeros_of_index, zeros_path
 
 from .test_chainimage import BLOCK, SIZE, Frame, apply, layouts, write_file
 
@@ -173,11 +174,16 @@ def test_merged_incs_restore_like_the_incs_they_replace(
     out = folder / "merged.data"
     with open(out, "wb") as fh:
         result = merge_chain(paths[2:], fh, out.name, parent="virtnbdbackup.1", max_piece=PIECE)
+    zeros = zeros_of_index(result.index)  # an inc's zero ranges live in its side file
+    Path(zeros_path(str(out))).write_bytes(zeros)
     verify_merged(paths[2:], str(out), result.segments, full=True)
     with open(out, "rb") as fh:
         reader = StreamReader(fh, str(out))
         assert reader.meta.incremental and reader.meta.parent_checkpoint == "virtnbdbackup.1"
-        saved = {(f.start, f.length) for f in reader.frames()}
+        kinds = {f.kind for f in reader.frames()}
+    assert kinds <= {Kind.DATA}, "an inc holds data frames only"
+    with open(out, "rb") as fh:
+        saved = {(e.start, e.length) for e in build_index(fh, str(out)).extents}
     expected = set()
     for start, count, _fill in [f for frames in incs[1:] for f in frames]:
         expected |= set(range(start, start + count))
