@@ -5,8 +5,11 @@ For one disk of a shut-off domain on a remote hypervisor, times:
 - ``nbdcopy`` reading the disk from a qemu-nbd on the hypervisor over TCP
   into a file next to the backups (the limit: the same server, network and
   disk, a C client), and into ``null:`` (the network alone);
-- ``virtnbdbackup -l copy`` of that disk (plain NBD over TCP);
-- the same with ``--tls`` when ``--tls-cert`` is given;
+- ``nbdcopy`` from the same qemu-nbd on a unix socket forwarded over SSH
+  (the SSH channel alone, into ``null:``);
+- ``virtnbdbackup -l copy`` of that disk over each transport: the default
+  (NBD on a unix socket forwarded through the SSH connection), plain NBD
+  over TCP (``-P``), and ``--tls`` when ``--tls-cert`` is given;
 
 and prints each one's best throughput of two rounds and its ratio to the
 limit. Ratios, not absolute figures, are what carries over between runs on
@@ -76,9 +79,12 @@ def measure(uri: str, domain: str, disk: str | None, port: int, tls_cert: str | 
     rows: list[tuple[str, float]] = []
     try:
         used = data_bytes(qemu.image_info(target.path, host))
-        runs: list[tuple[str, list[str]]] = [("virtnbdbackup", [])]
+        runs: list[tuple[str, list[str]]] = [
+            ("virtnbdbackup over SSH", []),
+            ("virtnbdbackup -P (TCP)", ["-P", str(port)]),
+        ]
         if tls_cert:
-            runs.append(("virtnbdbackup --tls", ["--tls", "--tls-cert", tls_cert]))
+            runs.append(("virtnbdbackup --tls", ["-P", str(port), "--tls", "--tls-cert", tls_cert]))
         for attempt in range(REPEAT):
             # The limit: nbdcopy from the same remote qemu-nbd, over one connection as
             # virtnbdbackup uses per disk, into a sparse file in the same folder, flushed.
@@ -90,10 +96,14 @@ def measure(uri: str, domain: str, disk: str | None, port: int, tls_cert: str | 
                     name = "nbdcopy to null:" if sink == "null:" else "nbdcopy to a file (limit)"
                     rows.append((name, timed([*cmd, sink], env)))
                 Path(out / "limit.raw").unlink(missing_ok=True)
+            with qemu.nbd_server(target.path, target.format, readonly=True,
+                                 export=target.target, host=host) as address:  # fmt: skip
+                cmd = ["nbdcopy", "--connections=1", address.uri(target.target), "null:"]
+                rows.append(("nbdcopy over SSH to null:", timed(cmd, env)))
             for name, extra in runs:
                 backup = out / f"backup{attempt}"
                 cmd = [str(BIN / "virtnbdbackup"), "-U", uri, "-d", domain, "-l", "copy", "-n",
-                       "-i", target.target, "-P", str(port), "-o", str(backup), *extra]  # fmt: skip
+                       "-i", target.target, "-o", str(backup), *extra]  # fmt: skip
                 rows.append((name, timed(cmd, env)))
                 shutil.rmtree(backup, ignore_errors=True)
     finally:
@@ -106,7 +116,7 @@ def measure(uri: str, domain: str, disk: str | None, port: int, tls_cert: str | 
     mib = used / 2**20
     print(f"disk {target.target} of {domain}: {mib:.0f} MiB allocated; best of {REPEAT} runs")
     for name, seconds in best.items():
-        print(f"{name:26} {seconds:7.2f} s {mib / seconds:8.1f} MiB/s  ratio {limit / seconds:.2f}")
+        print(f"{name:28} {seconds:7.2f} s {mib / seconds:8.1f} MiB/s  ratio {limit / seconds:.2f}")
 
 
 @contextlib.contextmanager
