@@ -14,10 +14,12 @@ RUNTIME_PACKAGES=(
 )
 # What the tests and the demo need on top: libvirtd and QEMU to run throw-away
 # VMs, groff to check that the man pages render, and an sshd and openssl for
-# the remote and TLS tests.
+# the remote and TLS tests, and what scripts/build-test-guest.sh builds the
+# Linux test guest from (a kernel, busybox, the guest agent, cpio).
 TEST_PACKAGES=(
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
     qemu-system-x86 ovmf e2fsprogs groff-base openssh-server openssl
+    linux-image-amd64 busybox-static qemu-guest-agent cpio util-linux
 )
 PACKAGES=("${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}")
 

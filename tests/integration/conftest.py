@@ -6,6 +6,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from .guestlab import Guest, create_guest, remove_guest
 from .vmlab import (
     DiskSpec,
     GiB,
@@ -96,3 +97,16 @@ def full_set(data_vm: LabVM, tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_tool("virtnbdbackup", "-d", data_vm.name, "-l", "copy", "-n", "-o", out)
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def guest(conn: libvirt.virConnect) -> Iterator[Guest]:
+    """The real Linux guest (scripts/build-test-guest.sh), booted once for
+    the session: ext4 on vda and vdb (vdb with discard='unmap'), mounted
+    on /mnt/vda and /mnt/vdb, qemu-guest-agent answering."""
+    lab = create_guest(conn)
+    try:
+        lab.start()
+        yield lab
+    finally:
+        remove_guest(lab)

@@ -27,6 +27,7 @@ BIN = Path(sys.executable).parent
 _LAB = os.environ.get("VNBT_LAB", "")
 LAB_DIR = Path("/var/lib/libvirt/images/virtnbdbackup-tests" + (f"-{_LAB}" if _LAB else ""))
 NAME_PREFIX = f"vnbt{_LAB}-"
+GUEST_CACHE_NAME = "guest-cache"
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
@@ -171,7 +172,13 @@ def remove_leftovers(conn: libvirt.virConnect) -> None:
         if dom.name().startswith(NAME_PREFIX):
             destroy(dom)
     if LAB_DIR.exists():
-        shutil.rmtree(LAB_DIR, ignore_errors=True)
+        for entry in LAB_DIR.iterdir():
+            if entry.name == GUEST_CACHE_NAME:
+                continue  # the test guest, built once per machine
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
 
 
 def destroy(dom: libvirt.virDomain) -> None:
