@@ -43,3 +43,11 @@ class SshError(VirtnbdError):
 
 class FolderLocked(TargetError):
     """Another live process holds the lock of a backup or restore folder."""
+
+
+class AgentError(VirtnbdError):
+    """The guest agent is not configured, not running, did not answer in
+    time, or refused a command."""
+
+    # A call given up on that still runs on its helper thread (guestagent.Pending).
+    pending: object = None

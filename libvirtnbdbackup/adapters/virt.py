@@ -14,6 +14,7 @@ import libvirt
 
 from ..errors import DomainError
 from .domainxml import Disk, parse_disks
+from .guestagent import GuestAgent
 from .nbdclient import NbdAddress
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,16 @@ class Domain:
     def is_running(self) -> bool:
         state, _reason = self._dom.state()
         return state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED)
+
+    def is_paused(self) -> bool:
+        state, _reason = self._dom.state()
+        return bool(state == libvirt.VIR_DOMAIN_PAUSED)
+
+    def agent(self) -> GuestAgent:
+        return GuestAgent(self._dom)
+
+    def autostart(self) -> bool:
+        return bool(self._call("read the autostart flag", self._dom.autostart))
 
     def start_paused(self) -> None:
         self._call("start the domain", self._dom.createWithFlags, libvirt.VIR_DOMAIN_START_PAUSED)

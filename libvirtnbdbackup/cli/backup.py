@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Pause a running domain while the backup job starts. (default: %(default)s)",
     )
+    opt.add_argument(
+        "-F",
+        "--freeze-mountpoint",
+        default=None,
+        metavar="MOUNTPOINTS",
+        help="Freeze only these guest filesystems (-F /var/lib/mysql,/data) through the guest "
+        "agent while the checkpoint and the backup job are created. (default: all of them)",
+    )
     add_connection_args(parser)
     add_remote_args(parser)
     debug = parser.add_argument_group("Job control")
@@ -221,6 +229,7 @@ def options_from(args: argparse.Namespace) -> BackupOptions:
         pause=args.pause,
         qemu=args.qemu,
         startonly=args.startonly,
+        freeze_mountpoints=split_names(args.freeze_mountpoint) or None,
         remote=remote_options(args),
     )
 

@@ -55,6 +55,7 @@ from ..targets.private import make_private_dir
 from .backupoptions import DEFAULT_SCRATCH_PARENT, BackupOptions
 from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain, read_merged
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
+from .guestfreeze import frozen_filesystems
 from .recovery import committed, job_of, killed_checkpoint
 from .remote import Remote
 
@@ -116,6 +117,7 @@ class BackupJob:
         self.remote = Remote(opts.uri, opts.remote)
         self.host: Host = LOCAL
         self._scratch: str | None = None  # this run's scratch folder, once made
+        self._agent_answered = False  # the freeze step reached the guest agent
         self._files: SetWriter | None = None
         self._new_chain_id = False
 
@@ -247,17 +249,12 @@ class BackupJob:
             self.lock.update(checkpoint=step.create, scratch=next(iter(scratch.values())))
         try:
             # Not cut short by a signal: a job started must be known to be
-            # stopped, a paused domain resumed.
+            # stopped, a paused domain resumed, a frozen guest thawed.
             with self.cancel.scope():
                 self.cancel.defer()
-                if self.opts.pause:
-                    log.info("pausing domain %s while the backup job starts", domain.name)
-                    domain.suspend()
-                try:
-                    domain.begin_backup(job_xml, new_checkpoint)
-                finally:
-                    if self.opts.pause:
-                        domain.resume()
+                with frozen_filesystems(domain, self.opts.freeze_mountpoints) as freeze:
+                    self._begin_backup(domain, job_xml, new_checkpoint)
+            self._agent_answered = freeze.agent_answered
         except DomainError as err:
             orphan = _existing_bitmap(str(err))
             if orphan and orphan == step.create and orphan not in self._healed:
@@ -381,6 +378,17 @@ class BackupJob:
                 yield NbdAddress(socket=local)
         else:
             yield server
+
+    def _begin_backup(self, domain: Domain, job_xml: str, checkpoint: str | None) -> None:
+        """Create the checkpoint and start the backup job (one libvirt call)."""
+        if self.opts.pause:
+            log.info("pausing domain %s while the backup job starts", domain.name)
+            domain.suspend()
+        try:
+            domain.begin_backup(job_xml, checkpoint)
+        finally:
+            if self.opts.pause:
+                domain.resume()
 
     def _check_bitmap_support(self, disks: list[Disk]) -> None:
         """qcow2 v2 (compat 0.10) images cannot store dirty bitmaps."""

@@ -40,6 +40,8 @@ class BackupOptions:
     pause: bool = False  # suspend the domain while the backup job starts
     qemu: bool = False  # -q: read the extent maps with nbdinfo
     startonly: bool = False  # -s: start the backup job, leave it running, read nothing
+    # -F: the guest mountpoints to freeze while the backup job starts (None: all)
+    freeze_mountpoints: list[str] | None = None
     remote: RemoteOptions = field(default_factory=RemoteOptions)
 
     @property
