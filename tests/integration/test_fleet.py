@@ -77,6 +77,19 @@ def make_vm(
     return LabVM(name, dom, {t: p for t, (p, _f) in images.items()}, folder)
 
 
+def backed_up(row: dict[str, object]) -> bool:
+    """A job that backed up its VM: ok, or, for a running VM, a warning that
+    is the freeze's: these firmware-only VMs have no guest agent, and the
+    fleet runs each job with --strict (2.47 warns there too)."""
+    if row["state"] == "ok":
+        return row["exit_code"] == 0
+    return (
+        row["state"] == "warning"
+        and row["exit_code"] == 2
+        and "guest filesystems not frozen" in str(row["message"])
+    )
+
+
 def small(target: str, byte: int, size: int = 64 * MiB) -> DiskSpec:
     return DiskSpec(target, size, writes=[f"write -P {byte:#x} 0 1M", "write -P 0x5a 20M 2M"])
 
@@ -254,8 +267,7 @@ compress = 2
 def test_fleet_backs_up_both_hypervisors_within_the_limits(lab: Lab, fleet_root: Path) -> None:
     rows = ledger_rows(fleet_root)
     assert len(rows) == 6
-    assert {r["state"] for r in rows} == {"ok"}, rows
-    assert all(r["exit_code"] == 0 and r["level"] == "full" for r in rows)
+    assert all(backed_up(r) and r["level"] == "full" for r in rows), rows
     assert all(int(r["bytes"]) > 0 and float(r["throughput"]) > 0 for r in rows)  # type: ignore[arg-type]
     assert 2 <= max_overlap(rows) <= 3  # three slots: the first three start at once
     for host in ("local", "remote"):
@@ -294,7 +306,7 @@ def test_status_json_and_max_age(lab: Lab, fleet_root: Path) -> None:
     vms = {(v["hypervisor"], v["vm"]): v for v in report["vms"]}
     assert len(vms) == 6
     for vm in vms.values():
-        assert vm["state"] == "ok" and vm["last_failure"] is None
+        assert vm["state"] in ("ok", "warning") and vm["last_failure"] is None
         assert vm["last_good"]["bytes"] > 0 and 0 <= vm["age_seconds"] < 3600
     assert vms[("local", lab.local["mail"].name)]["tags"] == ["nightly", "mx"]
 
@@ -335,7 +347,7 @@ def test_a_failing_vm_does_not_stop_the_others_and_retry_redoes_it(
             proc = fleet("backup", "-o", root, "--jobs", "2", *select)
         assert proc.returncode == 1, proc.stderr
         rows = {r["vm"]: r for r in ledger_rows(root)}
-        assert rows[web2.name]["state"] == "ok"
+        assert backed_up(rows[web2.name])
         assert rows[broken.name]["state"] == "failed" and rows[broken.name]["exit_code"] == 1
         assert "vda" in str(rows[broken.name]["message"]) or "gone" in str(
             rows[broken.name]["message"]
@@ -350,7 +362,7 @@ def test_a_failing_vm_does_not_stop_the_others_and_retry_redoes_it(
         run = int(last_run(root)["id"])  # type: ignore[arg-type]
         again = {r["vm"]: r for r in ledger_rows(root, run)}
         assert set(again) == {web1.name, broken.name}
-        assert {r["state"] for r in again.values()} == {"ok"}
+        assert all(backed_up(r) for r in again.values()), again
         month = time.strftime("%Y-%m")
         assert_restores(broken, root / "localhost" / broken.name / month, tmp_path / "r1")
         assert_restores(web1, root / "localhost" / web1.name / month, tmp_path / "r2")
@@ -467,9 +479,10 @@ def test_retention_rules_run_after_each_backup(lab: Lab, tmp_path: Path) -> None
     at(7)
     folder = root / "localhost" / vm.name / "2026-11"
     rows = ledger_rows(root)
-    assert [(r["level"], r["state"], r["prune_state"]) for r in rows] == [
-        ("full", "ok", "ok"), ("inc", "ok", "ok"), ("inc", "ok", "ok"),
+    assert [(r["level"], r["prune_state"]) for r in rows] == [
+        ("full", "ok"), ("inc", "ok"), ("inc", "ok"),
     ]  # fmt: skip
+    assert all(backed_up(r) for r in rows), rows
     assert sorted(p.name for p in folder.glob("*.data")) == [
         "vda.full.data",
         "vda.inc.virtnbdbackup.2.data",
