@@ -229,9 +229,7 @@ def debugfs_read(image: Path, paths: list[str], scratch: Path) -> dict[str, str 
     try:
         result: dict[str, str | None] = {}
         for path in paths:
-            proc = subprocess.run(
-                ["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True
-            )
+            proc = subprocess.run(["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True)
             stat = subprocess.run(
                 ["debugfs", "-R", f"stat {path}", str(raw)], capture_output=True, text=True
             )
@@ -247,3 +245,30 @@ def debugfs_read(image: Path, paths: list[str], scratch: Path) -> dict[str, str 
 def remove_guest(guest: Guest) -> None:
     destroy(guest.dom)
     shutil.rmtree(guest.vm.folder, ignore_errors=True)
+
+
+def write_offline(image: Path, name: str, data: bytes, scratch: Path) -> None:
+    """Add a file to the ext4 of a shut-off domain's qcow2 image: qemu-nbd
+    serves it (keeping its persistent bitmaps up to date, as QEMU would),
+    nbdfuse makes that a raw file, debugfs writes into it."""
+    source = scratch / f"offline-{uuid.uuid4().hex[:6]}"
+    source.write_bytes(data)
+    mnt = scratch / f"fuse-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    pidfile = scratch / f"{mnt.name}.pid"
+    proc = subprocess.Popen(
+        ["nbdfuse", "-P", str(pidfile), str(mnt), "--socket-activation",
+         "qemu-nbd", "-f", "qcow2", str(image)],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nbdfuse did not start: {proc.stderr.read()!r}")  # type: ignore[union-attr]
+            time.sleep(0.1)
+        sh("debugfs", "-w", "-R", f"write {source} {name}", mnt / "nbd")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        proc.wait(timeout=30)
+        source.unlink()

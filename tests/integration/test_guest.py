@@ -4,9 +4,10 @@ frozen) and file by file (SHA-256 as the guest reported them)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from .guestlab import Guest, debugfs_read
+from .guestlab import Guest, debugfs_read, pattern, write_offline
 from .vmlab import MiB, backup_ok, images_identical, run_tool
 
 
@@ -96,3 +97,27 @@ def test_no_sparse_detection_saves_the_trimmed_ranges(guest: Guest, tmp_path: Pa
         backup_ok(guest.vm, out, "inc", "--no-sparse-detection")
     assert _data_size(out, "vdb.inc.*.data") >= 4 * MiB
     check_restore(restore_all(out, tmp_path / "restored"), copies, files, tmp_path)
+
+
+def test_files_added_while_shut_off_are_in_the_offline_inc(guest: Guest, tmp_path: Path) -> None:
+    out = tmp_path / "backup"
+    files: dict[str, str | None] = {
+        "/mnt/vda/online.bin": guest.write_file("/mnt/vda/online.bin", "online", 500_000)
+    }
+    backup_ok(guest.vm, out, "full")
+    guest.shutdown()
+    try:
+        data = pattern("offline", 700_000)
+        write_offline(guest.vm.images["vda"], "offline.bin", data, tmp_path)
+        files["/mnt/vda/offline.bin"] = hashlib.sha256(data).hexdigest()
+        backup_ok(guest.vm, out, "inc")
+        assert len(list(out.glob("vda.inc.virtnbdbackup.0.*.data"))) == 1, sorted(
+            p.name for p in out.iterdir()
+        )
+        # Shut off, the images are the consistent state.
+        check_restore(restore_all(out, tmp_path / "restored"), guest.vm.images, files, tmp_path)
+    finally:
+        guest.start()  # for the tests after this one
+    assert guest.sha256(["/mnt/vda/offline.bin"])["/mnt/vda/offline.bin"] == files[
+        "/mnt/vda/offline.bin"
+    ]
