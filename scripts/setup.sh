@@ -15,11 +15,12 @@ RUNTIME_PACKAGES=(
 # What the tests and the demo need on top: libvirtd and QEMU to run throw-away
 # VMs, groff to check that the man pages render, and an sshd and openssl for
 # the remote and TLS tests, and what scripts/build-test-guest.sh builds the
-# Linux test guest from (a kernel, busybox, the guest agent, cpio).
+# Linux test guest from (a kernel, busybox, the guest agent, cpio), and swtpm
+# for the TPM state test.
 TEST_PACKAGES=(
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
     qemu-system-x86 ovmf e2fsprogs groff-base openssh-server openssl
-    linux-image-amd64 busybox-static qemu-guest-agent cpio util-linux
+    linux-image-amd64 busybox-static qemu-guest-agent cpio util-linux swtpm swtpm-tools
 )
 PACKAGES=("${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}")
 

@@ -150,6 +150,12 @@ class Domain:
     def autostart(self) -> bool:
         return bool(self._call("read the autostart flag", self._dom.autostart))
 
+    def set_autostart(self) -> None:
+        self._call("mark the domain for autostart", self._dom.setAutostart, 1)
+
+    def uuid(self) -> str:
+        return str(self._call("read the UUID", self._dom.UUIDString))
+
     def start_paused(self) -> None:
         self._call("start the domain", self._dom.createWithFlags, libvirt.VIR_DOMAIN_START_PAUSED)
 

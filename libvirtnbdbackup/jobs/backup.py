@@ -55,6 +55,14 @@ from ..targets.private import make_private_dir
 from .backupoptions import DEFAULT_SCRATCH_PARENT, BackupOptions
 from .chainplan import BackupStep, checkpoint_name, plan_step, read_chain, read_merged
 from .diskbackup import DiskBackup, DiskPlan, DiskResult
+from .guestfiles import (
+    agent_files,
+    autostart_file,
+    has_emulated_tpm,
+    tpm_archive,
+    tpm_file,
+    tpm_state_folder,
+)
 from .guestfreeze import frozen_filesystems
 from .recovery import committed, job_of, killed_checkpoint
 from .remote import Remote
@@ -684,11 +692,41 @@ class BackupJob:
                 log.info("saved boot file %s as %s", path, name)
             except (OSError, SshError) as err:
                 log.warning("boot file %s not saved: %s", path, err)
+        self._save_domain_files(domain, domain_xml, ident)
         self.files.commit()
         log.info("committed backup %s (%s)", ident, manifest_name(ident))
         self._save_chain_id()
         if step.create:
             self._save_checkpoint(domain, step.create)
+
+    def _save_domain_files(self, domain: Domain, domain_xml: str, ident: str) -> None:
+        """autostart, guest OS information, BitLocker keys, swtpm state."""
+        try:
+            if domain.autostart():
+                self.files.write(autostart_file(ident), b"True")
+                log.info("domain %s starts with the host: %s saved", domain.name, ident)
+        except DomainError as err:
+            log.warning("%s", err)
+        if self._agent_answered:
+            for name, data in agent_files(domain.agent(), ident):
+                self.files.write(name, data)
+                log.info("saved %s from the guest agent", name)
+        if not has_emulated_tpm(domain_xml):
+            return
+        if self.host.is_remote:
+            log.warning("TPM state of %s not saved: it is on %s", domain.name, self.host.name)
+            return
+        uuid = domain.uuid()
+        archive = tpm_archive(uuid)
+        if archive is None:
+            log.warning(
+                "domain %s has an emulated TPM but no state folder %s: not saved",
+                domain.name,
+                tpm_state_folder(uuid),
+            )
+            return
+        self.files.write(tpm_file(ident), archive)
+        log.info("saved the TPM state %s as %s", tpm_state_folder(uuid), tpm_file(ident))
 
     def _save_boot_file(self, name: str, path: str) -> None:
         if not self.host.is_remote:

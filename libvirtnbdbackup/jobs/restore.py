@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import tarfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -23,7 +24,7 @@ from ..adapters import qemu
 from ..adapters.domainxml import adjust_config
 from ..adapters.hosts import LOCAL, Host
 from ..adapters.nbdclient import NbdAddress, NbdClient
-from ..adapters.virt import Hypervisor
+from ..adapters.virt import Domain, Hypervisor
 from ..errors import Interrupted, NbdError, StreamError, TargetError, UsageError, VirtnbdError
 from ..format.chainimage import merge_layers
 from ..format.index import Extent, FileIndex, build_index, load_index
@@ -37,13 +38,16 @@ from ..targets.writeback import WriteBehind
 from .backupset import (
     DataFile,
     chains,
+    config_ident,
     image_names,
+    inside,
     latest_config,
     load_json,
     ordered_sequence,
     saved_boot_files,
     scan,
 )
+from .guestfiles import autostart_file, restore_tpm_state, tpm_file
 from .remote import Remote, RemoteOptions
 
 log = logging.getLogger(__name__)
@@ -208,8 +212,27 @@ class RestoreJob:
         if hypervisor is not None:
             hypervisor.define(adjusted)
             log.info("defined domain %s", name)
+            self._restore_domain_files(config, hypervisor.domain(name))
         else:
             log.info("define it with: virsh define %s", target)
+
+    def _restore_domain_files(self, config: Path, domain: Domain) -> None:
+        """-D: the autostart flag and the swtpm state saved with the backup."""
+        ident = config_ident(config)
+        if (config.parent / autostart_file(ident)).is_file():
+            domain.set_autostart()
+            log.info("domain %s marked for autostart, as the backed-up domain was", domain.name)
+        archive = config.parent / tpm_file(ident)
+        if not archive.is_file():
+            return
+        if self.host.is_remote:
+            log.warning("TPM state %s not restored: the domain is on another host", archive.name)
+            return
+        try:
+            dest = restore_tpm_state(inside(config.parent, archive), domain.uuid())
+        except (OSError, ValueError, tarfile.TarError) as err:
+            raise TargetError(f"cannot restore the TPM state {archive}: {err}") from None
+        log.info("restored the TPM state %s into %s", archive.name, dest)
 
     def _sequences(self, files: list[DataFile]) -> dict[str, list[DataFile]]:
         """Per disk, the files to apply in order."""
