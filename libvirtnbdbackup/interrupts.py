@@ -47,6 +47,12 @@ class Cancel(threading.Event):
 
     def __init__(self) -> None:
         super().__init__()
+        # The signal handler sets the event in the main thread, between any two
+        # bytecodes: also while the main thread is inside wait() and holds the
+        # event's lock. With threading.Event's plain Lock, set() then waited for
+        # itself forever (virtnbdmap hung in about one Ctrl-C in three, its loop
+        # device left attached); a reentrant lock lets the handler through.
+        self._cond = threading.Condition(threading.RLock())
         self._deferred = 0
         self.signum: int | None = None  # the signal that set it
 

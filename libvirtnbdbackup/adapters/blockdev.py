@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FUSE_FILE = "disk"
 READY_TIMEOUT = 30.0
+DETACH_TIMEOUT = 10.0
 
 
 def kernel_has_nbd() -> bool:
@@ -94,6 +95,35 @@ class KernelNbdDevice:
             self.connected = False
 
 
+def _detached(device: str) -> bool:
+    """Wait until the kernel has let go of a loop device we detached.
+
+    ``losetup --detach`` of a device that is still open (a partition scan,
+    a prober, losetup's own descriptor) only marks it to be cleared on the
+    last close, and the kernel clears it after losetup returned: success
+    means it is gone.
+    """
+    backing = Path("/sys/block") / os.path.basename(device) / "loop" / "backing_file"
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    while backing.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def loops_backed_by(path: Path) -> list[str]:
+    """Loop devices whose backing file is ``path`` (by the name the kernel keeps,
+    which still answers when the FUSE mount behind it is gone)."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            name = backing.read_text().strip().removesuffix(" (deleted)")
+            if name == str(path):
+                found.append(f"/dev/{backing.parent.parent.name}")
+    return found
+
+
 class FuseLoopDevice:
     """A loop device on the file that ``nbdfuse`` makes of the export."""
 
@@ -142,12 +172,22 @@ class FuseLoopDevice:
 
     def stop(self) -> None:
         problems = []
-        if self.device:
+        # Also a loop device that losetup made but whose name never reached us
+        # (a signal while it ran): the kernel knows which file backs it.
+        devices = {self.device} if self.device else set()
+        devices |= set(loops_backed_by(self.file))
+        for device in sorted(devices):
             try:
-                _run(["losetup", "--detach", self.device], f"detach {self.device}")
+                _run(["losetup", "--detach", device], f"detach {device}")
             except NbdError as err:
                 problems.append(str(err))
-            self.device = None
+                continue
+            if not _detached(device):
+                problems.append(
+                    f"{device} is still attached {DETACH_TIMEOUT:.0f}s after losetup --detach "
+                    f"(still open? see fuser -v {device}); detach it with: losetup -d {device}"
+                )
+        self.device = None
         if self._fuse is not None:
             if os.path.ismount(self.mountpoint):
                 try:
