@@ -9,6 +9,7 @@ and must land in the destination that carries its meaning.
 from __future__ import annotations
 
 import argparse
+import shlex
 
 import pytest
 
@@ -31,7 +32,7 @@ BACKUP_247 = [
     ("-n", "--noprogress", None, "noprogress"),
     ("-z", "--compress", "5", "compress"),
     ("-w", "--worker", "2", "worker"),
-    # -F/--freeze-mountpoint joins this list with the guest agent support.
+    ("-F", "--freeze-mountpoint", "/var/lib/mysql,/srv", "freeze_mountpoint"),
     ("-e", "--strict", None, "strict"),
     (None, "--no-sparse-detection", None, "no_sparse_detection"),
     ("-T", "--threshold", "4096", "threshold"),
@@ -163,3 +164,15 @@ def test_help_and_version_exit_0(prog: str, build: object, flag: str) -> None:
     with pytest.raises(SystemExit) as done:
         build().parse_args([flag])  # type: ignore[operator]
     assert done.value.code == 0
+
+
+def test_an_admins_247_cron_line_parses() -> None:
+    line = "virtnbdbackup -d db1 -l auto -F /var/lib/mysql --nocolor -L -o /backup/db1"
+    args = backup.build_parser().parse_args(shlex.split(line)[1:])
+    assert (args.domain, args.level, args.freeze_mountpoint, args.output) == (
+        "db1",
+        "auto",
+        "/var/lib/mysql",
+        "/backup/db1",
+    )
+    assert args.nocolor and args.syslog
