@@ -76,8 +76,14 @@ def test_sequence_names_the_image_after_the_disk(
     compat_vm: LabVM, chain: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "seq"
-    image = restore_image(chain, dest, "-s", "vda.full.data,vda.inc.virtnbdbackup.1.data")
+    sock = Path(f"/var/tmp/virtnbdrestore.test{os.getpid()}")
+    log = tmp_path / "restore.log"
+    image = restore_image(
+        chain, dest, "-s", "vda.full.data,vda.inc.virtnbdbackup.1.data", "-f", sock, "-L", log, "-v"
+    )
     assert image == dest / "vda"
+    assert f"--socket {sock} " in log.read_text()  # -L: the log, debug lines included
+    assert not sock.exists()  # -f: qemu-nbd's socket, gone with it
     full_only = restore_image(chain, tmp_path / "full", "-u", "virtnbdbackup.0")
     assert not images_identical(full_only, image)  # the inc was applied
 
