@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import stat
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -299,6 +301,13 @@ def _run(
     early.replay()
     warn_command_line_password(args)
     log.info("virtnbdbackup %s, level %s", __version__, opts.level)
+    if not opts.to_stdout and not args.killonly:
+        log.info(
+            "backup folder %s is mode %04o; its new files are created 0600 (2.47 left both "
+            "to the umask)",
+            opts.output,
+            stat.S_IMODE(os.stat(opts.output).st_mode),
+        )
     if args.level == "auto":
         log.info(
             "level auto: the folder %s a backup set", "holds" if opts.level == "inc" else "holds no"

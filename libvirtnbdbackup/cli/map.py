@@ -115,15 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument(
         "--tls",
         action="store_true",
-        help="Serve TCP listeners with TLS; clients need a certificate signed by the same CA. "
-        "(default: %(default)s)",
+        help="Serve the --listen HOST:PORT export with TLS; clients need a certificate signed "
+        "by the same CA. (default: %(default)s)",
     )
     opt.add_argument(
         "--tls-cert",
         default="/etc/pki/qemu",
         metavar="DIR",
-        help="Folder of ca-cert.pem, server-cert.pem and server-key.pem for --tls (and "
-        "client-cert.pem, client-key.pem for the device virtnbdmap connects through -l). "
+        help="Folder of ca-cert.pem, server-cert.pem and server-key.pem for --tls. "
         "(default: %(default)s)",
     )
     opt.add_argument(

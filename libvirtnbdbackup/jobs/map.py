@@ -225,6 +225,12 @@ class MapJob:
                 )
             return endpoint
         if self.opts.tls:
+            if not self.opts.listen:
+                # nbdfuse and qemu-nbd --connect take no client certificate here.
+                raise UsageError(
+                    "--tls serves an export only (--listen HOST:PORT --tls); the block device "
+                    "of -l/-p connects without TLS: use -l on loopback, or --listen with --tls"
+                )
             check_server_certificates(self.opts.tls_cert)
             log.info("serving %s:%d with TLS, clients need a certificate of the CA in %s",
                      endpoint.host, endpoint.port, self.opts.tls_cert)  # fmt: skip

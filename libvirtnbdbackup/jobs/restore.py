@@ -151,6 +151,10 @@ class RestoreJob:
             log.info("%s", self.remote.describe_transport())
         # QEMU's user must reach the images once libvirt gives them to it (-D).
         self.host.makedirs(self.output, TRAVERSE_DIR)
+        log.info(
+            "restored images and files are created 0600 (a new folder 0711): libvirt gives the "
+            "images to QEMU's user as the domain starts (2.47 left them to the umask)"
+        )
         if self.host.is_remote:
             # flock cannot reach a folder on another host; restores there are
             # kept apart by their distinct NBD ports only.

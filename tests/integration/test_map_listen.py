@@ -127,3 +127,10 @@ def test_unix_socket_only_for_its_owner(backup: Path, tmp_path: Path) -> None:
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         assert reads(f"nbd+unix:///vda?socket={sock}") == DATA
         assert not nobody_reads(f"nbd+unix:///vda?socket={sock}")
+
+
+def test_tls_does_not_go_with_a_block_device(backup: Path, pki: Path) -> None:
+    port = free_ports()
+    args = ["-l", "0.0.0.0", "-p", str(port), "--tls", "--tls-cert", pki]
+    proc = run_tool("virtnbdmap", "-i", backup, "-r", *args, timeout=30)
+    assert proc.returncode == 1 and "--tls serves an export only" in proc.stderr, proc.stderr
