@@ -146,6 +146,11 @@ def main() -> int:
             rate = SIZE / MiB / seconds
             ready_text = f"{ready:8.2f}" if ready else f"{'':8}"
             print(f"{name:44} {seconds:8.2f} {rate:8.0f} {limit / seconds:6.2f} {ready_text}")
+        seconds = {name: took for name, took, _ready in rows}
+        for mode in ("readonly", "cow"):
+            plain = seconds[f"nbdcopy <- virtnbdmap plain {mode}"]
+            lz4 = seconds[f"nbdcopy <- virtnbdmap lz4 {mode}"]
+            print(f"lz4 map / plain map, {mode}: {plain / lz4:.2f} (target >= 0.6)")
         print("\nopening a chain (ChainImage, in process):")
         for label, folder in folders.items():
             with_index = open_seconds(folder)
