@@ -428,6 +428,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, {platform.system()} {platform.release()}"
 
 
+PAIRED = [
+    ("backup full", "nbdcopy export -> sparse file"),
+    ("backup full -z (lz4)", "backup full"),
+    ("restore full", "qemu-img convert file -> qcow2"),
+    ("restore lz4 full", "restore full"),
+    ("verify lz4 full", "verify full"),
+]
+
+
 def table(bench: Bench) -> str:
     rows = [
         "| step | wall s | MiB/s | peak RSS MiB | ratio to limit | target |",
@@ -472,6 +481,10 @@ def main() -> int:
     print(table(bench))
     for what, ratio in bench.extra_ratios.items():
         print(f"{what}: {ratio:.2f}x")
+    print("the same ratios run by run (both steps of a pair ran one after the other):")
+    for name, limit in PAIRED:
+        runs = zip(bench.by_name(name).runs, bench.by_name(limit).runs, strict=False)
+        print(f"  {name} / {limit}: {', '.join(f'{a / b:.2f}x' for a, b in runs)}")
     print("each run, in seconds (the spread is the noise of this host):")
     for s in bench.steps:
         print(f"  {s.name}: {', '.join(f'{r:.2f}' for r in s.runs)}")
