@@ -78,18 +78,19 @@ def merge_layers(indexes: list[FileIndex], size: int) -> list[Segment]:
 
 
 class Piece:
-    """The bytes of one decompressed LZ4 piece, in slices of ``SLICE`` bytes."""
+    """The bytes of one decompressed LZ4 piece, in slices as lz4 made them."""
 
     def __init__(self, slices: list[bytes]) -> None:
         self.slices = slices
-        self._size = sum(len(s) for s in slices)
+        self._starts = list(itertools.accumulate((len(s) for s in slices), initial=0))
 
     def __len__(self) -> int:
-        return self._size
+        return self._starts[-1]
 
     def copy_into(self, out: memoryview, first: int) -> None:
         """Fill ``out`` with the piece's bytes from offset ``first``."""
-        index, skip = divmod(first, SLICE)
+        index = bisect.bisect_right(self._starts, first) - 1
+        skip = first - self._starts[index]
         done = 0
         while done < len(out):
             part = memoryview(self.slices[index])[skip : skip + len(out) - done]

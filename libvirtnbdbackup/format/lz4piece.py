@@ -2,8 +2,9 @@
 
 A piece is one LZ4 frame (stream-format.md): at most 32 MiB of disk bytes,
 stored as a few bytes or many MiB. It is read ``slice`` bytes at a time and
-handed out in slices of ``slice`` decompressed bytes (the last shorter), so
-neither side is ever held whole. lz4 checks each block's checksum before it
+handed out in slices of at most ``slice`` decompressed bytes, as lz4 makes
+them (joining them into even slices cost more than it saved), so neither
+side is ever held whole. lz4 checks each block's checksum before it
 outputs the block's bytes, and the content checksum at the end; here the
 frame must hold exactly the bytes the index or trailer says, and nothing
 after them.
@@ -38,8 +39,7 @@ def decompressed_slices(
     context = lz4.frame.create_decompression_context()
     pos, end = position, position + stored
     view = memoryview(b"")
-    parts: list[bytes] = []  # of the slice being filled
-    filled = total = 0
+    total = 0
     eof = False
     while not eof:
         if not view and pos < end:
@@ -53,22 +53,16 @@ def decompressed_slices(
             pos += len(data)
             view = memoryview(data)
         try:
-            out, used, eof = lz4.frame.decompress_chunk(
-                context, view, max_length=slice_size - filled
-            )
+            out, used, eof = lz4.frame.decompress_chunk(context, view, max_length=slice_size)
         except RuntimeError as err:
             raise StreamError(f"{where}: compressed data is damaged: {err}") from None
         view = view[used:]
         if out:
-            parts.append(out)
-            filled += len(out)
             total += len(out)
             if total > length:
                 raise damaged
+            yield out
         elif not used and (view or pos >= end):
             raise damaged  # no progress: the frame goes on past its stored bytes
-        if filled == slice_size or (eof and parts):
-            yield b"".join(parts)
-            parts, filled = [], 0
     if total != length or view or pos != end:
         raise damaged

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from libvirtnbdbackup.errors import StreamError
+from libvirtnbdbackup.format import chainimage
 from libvirtnbdbackup.format.chainimage import ChainImage, PieceCache
 from libvirtnbdbackup.format.index import (
     FileIndex,
@@ -281,3 +282,27 @@ def test_a_failed_load_is_reported_to_every_waiter() -> None:
         for r in results:
             with pytest.raises(StreamError):
                 r.result(5)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(reads=st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, SIZE)), max_size=10))
+def test_reads_across_the_slices_of_a_piece(
+    tmp_path_factory: pytest.TempPathFactory, reads: list[tuple[int, int]]
+) -> None:
+    # Small slices: every piece is held in many, of the uneven sizes lz4 makes.
+    folder = tmp_path_factory.mktemp("slices")
+    path = folder / "vda.full.data"
+    frames: list[Frame] = [(0, 20, 7), (20, 4, None), (24, 40, 9)]
+    write_file(path, frames, incremental=False, compressed=2, max_piece=32 * BLOCK)
+    model = bytearray(SIZE)
+    apply(model, frames)
+    image = ChainImage([str(path)], cache_bytes=3 * BLOCK)
+    saved = chainimage.SLICE
+    chainimage.SLICE = 1500
+    try:
+        for offset, length in reads:
+            length = min(length, SIZE - offset)
+            assert image.read(offset, length) == bytes(model[offset : offset + length])
+    finally:
+        chainimage.SLICE = saved
+        image.close()
