@@ -31,14 +31,15 @@ from .frames import MAX_REQUEST_SIZE
 from .index import Extent, FileIndex, build_index, open_index
 from .meta import StreamMeta
 from .reader import read_meta
-from .writer import StreamWriter
+from .writer import Buffer, StreamWriter
 
 CHUNK = 4 * 1024 * 1024
+SKIP_CHUNK = 1024 * 1024  # reads only summed, and compressed bytes being unpacked
 SAMPLE_SPAN = 64 * 1024
 SAMPLE_SEGMENTS = 32
 SAMPLE_RANDOM = 16
 # Decompressed pieces the check keeps per chain (the windows are in offset order).
-CHECK_CACHE = MAX_REQUEST_SIZE
+CHECK_CACHE = 0
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,9 @@ class _Cursor:
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self.pos = 0
         self.adler = 1
-        self._buffer = memoryview(bytearray(CHUNK))
+        self._buffer = memoryview(bytearray(0))
         # The decompressed piece last read: (payload offset, piece number, bytes).
-        self.piece: tuple[int, int, bytes] | None = None
+        self.piece: tuple[int, int, bytearray] | None = None
 
     def close(self) -> None:
         os.close(self._fd)
@@ -76,7 +77,7 @@ class _Cursor:
     def read(self, n: int) -> memoryview:
         """The next ``n`` bytes; up to ``CHUNK`` of them in a buffer that the
         next read reuses (every consumer writes or copies them at once)."""
-        if n > len(self._buffer):  # a whole compressed piece: grow the one buffer
+        if n > len(self._buffer):  # grown to the largest read asked for (at most CHUNK)
             self._buffer = memoryview(bytearray(n))
         view = self._buffer[:n]
         got = 0
@@ -92,16 +93,16 @@ class _Cursor:
         self.pos += n
         return view
 
-    def chunks(self, n: int) -> Iterator[memoryview]:
+    def chunks(self, n: int, size: int = CHUNK) -> Iterator[memoryview]:
         while n:
-            take = min(n, CHUNK)
+            take = min(n, size)
             yield self.read(take)
             n -= take
 
     def skip_to(self, offset: int) -> None:
         if offset < self.pos:
             raise StreamError(f"{self.path}: merge read back to offset {offset} (a bug)")
-        for _ in self.chunks(offset - self.pos):
+        for _ in self.chunks(offset - self.pos, SKIP_CHUNK):
             pass
 
     def finish(self) -> None:
@@ -121,7 +122,7 @@ class _Cursor:
         self.skip_to(self.piece_position(extent, number))
         yield from self.chunks(extent.pieces[number][0])
 
-    def packed_piece(self, extent: Extent, number: int) -> bytes:
+    def packed_piece(self, extent: Extent, number: int) -> bytearray:
         """Piece ``number`` of a compressed extent, decompressed and checked."""
         if self.piece is not None and self.piece[:2] == (extent.offset, number):
             return self.piece[2]
@@ -129,17 +130,34 @@ class _Cursor:
         packed, unpacked = extent.pieces[number]
         self.piece = None  # let the last piece go before the next is made
         self.skip_to(position)
-        raw = self.read(packed)
+        # Fed as it is read, into one buffer of the piece's size: a one-shot
+        # decompress would hold the packed bytes and two copies of the piece.
+        piece = bytearray(unpacked)
+        got = 0
+        unpacker = lz4.frame.LZ4FrameDecompressor()
         try:
-            piece = bytes(lz4.frame.decompress(raw))
+            for chunk in self.chunks(packed, SKIP_CHUNK):
+                # Bounded output per call: unbounded, lz4 allocates for the
+                # whole content size the frame announces, each call.
+                data: Buffer = chunk
+                while True:
+                    part = unpacker.decompress(data, max_length=SKIP_CHUNK)
+                    data = b""
+                    if got + len(part) > unpacked:
+                        raise RuntimeError("more bytes than the index says")
+                    piece[got : got + len(part)] = part
+                    got += len(part)
+                    if unpacker.needs_input or unpacker.eof:
+                        break
+            complete = unpacker.eof and not unpacker.unused_data
         except RuntimeError as err:
             raise StreamError(
                 f"{self.path} at offset {position}: compressed data is damaged: {err}"
             ) from None
-        if len(piece) != unpacked:
+        if got != unpacked or not complete:
             raise StreamError(
-                f"{self.path} at offset {position}: piece decompresses to {len(piece)} "
-                f"bytes, the index says {unpacked}"
+                f"{self.path} at offset {position}: piece decompresses to {got} bytes"
+                f"{'' if complete else ' and ends early'}, the index says {unpacked}"
             )
         self.piece = (extent.offset, number, piece)
         return piece
@@ -357,7 +375,11 @@ def segment_bytes(seg: Segment, cursor: _Cursor) -> Iterator[memoryview]:
             first = max(skip - base, 0)
             last = min(skip + length - base, unpacked)
             for pos in range(first, last, CHUNK):
-                yield piece[pos : min(pos + CHUNK, last)]
+                end = min(pos + CHUNK, last)
+                # The last slice as a copy: the consumer still holds it when the
+                # next piece is made, and a view would keep this one alive too.
+                yield piece[pos:end] if end < last else memoryview(bytes(piece[pos:end]))
+            del piece  # before the next piece is made: only one is ever held
         base += unpacked
 
 

@@ -134,10 +134,16 @@ def _apply(
         log.info("%s: removed %s %s", fplan.folder, point.level, point.ident)
 
 
-def point_files(folder: Path, point: Point, *, side: bool = True) -> list[str]:
-    """Names (relative to ``folder``) of the files of a point that exist."""
+def point_files(folder: Path, point: Point, *, side: bool = True, raw: bool = False) -> list[str]:
+    """Names (relative to ``folder``) of the files of a point that exist.
+
+    Raw images (``raw``) only when the whole set goes: a raw disk saved with
+    the full backup is that disk's only copy, whatever is merged.
+    """
     names: list[str] = []
     for f in point.files:
+        if f.meta is None and not raw:
+            continue
         # .zeros: the ranges an inc leaves to zero, in a side file
         names += [f.name, f"{f.name}.chksum", index_path(f.name), f"{f.name}.zeros"]
     if side:
@@ -455,9 +461,10 @@ def _remove_folder_set(fplan: FolderPlan, result: PruneResult, uri: Libvirt) -> 
     times = _saved_times(folder, names)
     points = sorted(fplan.links + fplan.diffs, key=lambda p: p.time, reverse=True)
     for point in points:
-        result.removed_files += _delete(folder, point_files(folder, point))
+        result.removed_files += _delete(folder, point_files(folder, point, raw=True))
     extra = [f"{CHECKPOINT_DIR}/{n}.xml" for n in names]
-    extra += [p.name for p in folder.glob("*.cpt")] + [MERGED_FILE]
+    extra += [p.name for p in [*folder.glob("*.cpt"), *folder.glob("*.chain.json")]]
+    extra.append(MERGED_FILE)
     result.removed_files += _delete(folder, [n for n in extra if (folder / n).exists()])
     with contextlib.suppress(OSError):
         (folder / CHECKPOINT_DIR).rmdir()

@@ -576,3 +576,32 @@ def test_next_inc_after_a_merge_continues_the_chain(chain: Chain, tmp_path: Path
     for point in (f"{I}2", f"{I}7"):
         at = restore_image(folder, tmp_path / f"at-{point}", "--until", point)
         assert images_identical(chain.references[point], at), point
+
+
+def test_a_raw_disk_saved_with_the_full_survives_its_merge(
+    conn: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """A raw disk has no bitmap: the full (-l full --raw) saves it as an image,
+    which is that disk's only copy; merging the full away must keep it."""
+    vm = create_vm(
+        conn,
+        [
+            DiskSpec("vda", 256 * 1024**2, writes=["write -P 0x31 0 1M"]),
+            DiskSpec("vdc", 64 * 1024**2, fmt="raw", writes=["write -P 0x32 1M 1M"]),
+        ],
+        cdrom=False,
+    )
+    try:
+        out = tmp_path / "set"
+        backup_ok(vm, out, "full", "--raw")
+        raw_copy = out / "vdc.copy.data"
+        digest = hashlib.sha256(raw_copy.read_bytes()).hexdigest()
+        for n in (1, 2):
+            hmp_io(vm, "vda", f"write -P 0x4{n} {n}M 1M")
+            backup_ok(vm, out, "inc")
+        proc = prune(out, "--keep-last", "1")
+        assert proc.returncode == 0, proc.stderr
+        assert read_meta(str(out / "vda.full.data")).checkpoint_name == f"{I}2"
+        assert hashlib.sha256(raw_copy.read_bytes()).hexdigest() == digest
+    finally:
+        remove_vm(vm)
