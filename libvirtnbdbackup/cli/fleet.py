@@ -40,7 +40,7 @@ from ..jobs.fleetconfig import (
 from ..jobs.fleetselect import Selection, parse_selectors
 from ..jobs.fleetstatus import VmStatus, fleet_status, human_age
 from ..jobs.remote import DEFAULT_TLS_DIR, RemoteOptions
-from ..targets.fleetledger import JobRow, Ledger
+from ..targets.fleetledger import LEDGER_NAME, JobRow, Ledger
 from ..targets.private import create_private, make_private_dir
 from .common import (
     DATE_FORMAT,
@@ -392,11 +392,13 @@ def run_backup(args: argparse.Namespace) -> int:
         now = datetime.fromtimestamp(now_from_env())
         ledger = None
         retry = None
-        if args.retry_failed or not args.dry_run:
-            config.output.mkdir(parents=True, exist_ok=True)
+        if not args.dry_run:
+            make_private_dir(config.output)
             ledger = Ledger(config.output)
-            if args.retry_failed:
-                retry = retry_set(ledger)
+        elif args.retry_failed and (config.output / LEDGER_NAME).is_file():
+            ledger = Ledger(config.output, create=False)  # a dry run writes nothing
+        if args.retry_failed:
+            retry = retry_set(ledger) if ledger is not None else set()
         plan = plan_jobs(config, now, retry=retry)
     except (VirtnbdError, OSError) as err:
         log.error("%s", err)

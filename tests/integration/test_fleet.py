@@ -366,6 +366,7 @@ def test_a_failing_vm_does_not_stop_the_others_and_retry_redoes_it(
         month = time.strftime("%Y-%m")
         assert_restores(broken, root / "localhost" / broken.name / month, tmp_path / "r1")
         assert_restores(web1, root / "localhost" / web1.name / month, tmp_path / "r2")
+        assert_restores(web2, web2_folder / month, tmp_path / "r3")
 
         nothing = fleet("backup", "-o", root, "--retry-failed", *select)
         assert nothing.returncode == 0, nothing.stderr
