@@ -358,21 +358,7 @@ def fleet_config(args: argparse.Namespace) -> FleetConfig:
             "nothing is selected: give --select PATTERN or --all (or select/all in the "
             "configuration)"
         )
-    check_freeze(config)
     return config
-
-
-def check_freeze(config: FleetConfig) -> None:
-    """Per-VM freeze settings need the -F option of virtnbdbackup."""
-    from .backup import build_parser as backup_parser
-
-    tables = [config.defaults.freeze] + [t.get("freeze", ()) for t in config.vms.values()]
-    for host in config.hypervisors:
-        tables += [t.get("freeze", ()) for t in host.vms.values()]
-    if any(tables):
-        options = {o for a in backup_parser()._actions for o in a.option_strings}
-        if "-F" not in options:
-            raise UsageError("freeze = [...] needs virtnbdbackup -F, which this version lacks")
 
 
 def add_log_file(path: Path) -> None:

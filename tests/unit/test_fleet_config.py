@@ -440,3 +440,23 @@ def test_status_per_vm_from_the_ledger(tmp_path: Path) -> None:
     assert fleet_status(ledger, hosts={"other"}) == []
     report = rows["b"].as_dict(1110.0)
     assert report["state"] == "failed" and report["last_good"]["bytes"] == 5
+
+
+def test_per_vm_settings_reach_the_backup_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        f'output = "{tmp_path}"\nall = true\n[vm.db1]\nfreeze = ["/", "/var/lib/mysql"]\n'
+        'exclude_disks = ["vdb", "vdc"]\ncompress = 9\nargs = ["--threshold", "4096"]\n'
+    )
+    config = fleet_config(build_parser().parse_args(["backup", "-c", str(path)]))
+    job = plan_jobs(config, datetime(2026, 11, 5), connect=lambda h: [summary("db1")]).jobs[0]
+    argv = backup_command(job, config, None)
+    assert argv[argv.index("-F") + 1] == "/,/var/lib/mysql"  # virtnbdbackup -F
+    assert argv[argv.index("-x") + 1] == "vdb,vdc"
+    assert argv[argv.index("-z") + 1] == "9"
+    assert argv[-2:] == ["--threshold", "4096"]
+    assert argv[argv.index("-l") + 1] == "full" and "-P" not in argv  # local: no port
+    from libvirtnbdbackup.cli.backup import build_parser as backup_parser
+
+    parsed = backup_parser().parse_args(argv[4:])  # after python -m launcher virtnbdbackup
+    assert parsed.freeze_mountpoint == "/,/var/lib/mysql" and parsed.domain == "db1"
