@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import xml.etree.ElementTree as ET
 import zipfile
@@ -198,7 +199,23 @@ def test_syslog_option_sends_the_log_to_syslog(compat_vm: LabVM, tmp_path: Path)
     path = tmp_path / "log.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(path))
-    server.settimeout(30)
+    server.settimeout(0.5)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        # Read while the backup runs, as syslog does: a unix datagram socket
+        # queues only net.unix.max_dgram_qlen (10) messages, then the
+        # sender waits.
+        while True:
+            try:
+                messages.append(server.recv(65536).decode())
+            except TimeoutError:
+                if done.is_set():
+                    return  # the backup ended and the queue is drained
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         env = dict(os.environ, VIRTNBDBACKUP_SYSLOG_SOCKET=str(path))
         proc = run_tool(
@@ -214,14 +231,9 @@ def test_syslog_option_sends_the_log_to_syslog(compat_vm: LabVM, tmp_path: Path)
             env=env,
         )
         assert proc.returncode == 0, proc.stderr
-        messages = []
-        server.settimeout(0.5)
-        while True:
-            try:
-                messages.append(server.recv(65536).decode())
-            except TimeoutError:
-                break
     finally:
+        done.set()
+        reader.join()
         server.close()
     assert any("backup finished" in m for m in messages), messages
 
