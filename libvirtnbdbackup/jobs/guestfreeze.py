@@ -75,8 +75,7 @@ def _thaw(domain: Domain, agent: GuestAgent, pending: Pending | None, timeout: f
         return
     try:
         thawed = agent.thaw(timeout)
-        if pending is None:
-            log.info("thawed %d guest filesystem(s)", thawed)
+        log.info("thawed %d guest filesystem(s)", thawed)
     except AgentError as err:
         log.error(
             "domain %s: cannot thaw the guest's filesystems (%s); thaw them with: "

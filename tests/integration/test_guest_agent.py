@@ -30,6 +30,17 @@ def test_freeze_mountpoint_freezes_only_those(guest: Guest, tmp_path: Path) -> N
     assert guest.freeze_status() == "thawed"
 
 
+def test_a_paused_domain_is_not_frozen(guest: Guest, tmp_path: Path) -> None:
+    guest.dom.suspend()
+    try:
+        log = backup_ok(guest.vm, tmp_path / "backup", "copy")
+    finally:
+        guest.dom.resume()
+    assert "is paused: no filesystem freeze" in log
+    assert "froze" not in log and not warnings(log)
+    assert guest.freeze_status() == "thawed"
+
+
 def test_a_job_start_failing_after_the_freeze_thaws(guest: Guest, tmp_path: Path) -> None:
     # QEMU cannot create the NBD socket there: libvirt refuses the job
     # while the guest is frozen.
@@ -115,4 +126,25 @@ def test_an_agent_that_does_not_answer_warns_and_the_backup_goes_on(
         except AgentError:
             assert time.monotonic() < deadline, "the guest agent did not come back"
             time.sleep(1)
+    assert guest.freeze_status() == "thawed"
+
+
+def test_a_freeze_that_hangs_is_given_up_on_then_thawed_when_it_lands(
+    guest: Guest, tmp_path: Path
+) -> None:
+    # The agent answers libvirt's sync, then sits in its freeze hook for
+    # longer than the freeze may take (30 s): the backup warns and goes on,
+    # and thaws the guest once the late freeze has landed.
+    guest.run("echo 35 > /run/freeze-delay")
+    try:
+        proc = run_tool(
+            "virtnbdbackup", "-d", guest.vm.name, "-l", "copy", "-n", "--strict",
+            "-o", tmp_path / "backup",
+        )  # fmt: skip
+    finally:
+        guest.run("rm -f /run/freeze-delay")
+    assert proc.returncode == 2, proc.stderr
+    assert len(warnings(proc.stderr)) == 1, proc.stderr
+    assert "did not answer the filesystem freeze within 30 s" in proc.stderr
+    assert (tmp_path / "backup" / "vda.copy.data").is_file()
     assert guest.freeze_status() == "thawed"
