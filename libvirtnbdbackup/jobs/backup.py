@@ -103,6 +103,19 @@ class Export:
 ExportOpener = Callable[[Disk], AbstractContextManager[Export]]
 
 
+@dataclass(frozen=True)
+class JobSpec:
+    """The checkpoint and backup job a run asks libvirt for (step 4)."""
+
+    job_xml: str
+    checkpoint_xml: str | None
+    server: NbdAddress
+    bind: str | None
+    scratch: str  # the first disk's scratch file: names this run's job
+    bitmap_disks: list[Disk]
+    all_disks: list[Disk]
+
+
 class BackupJob:
     def __init__(
         self,
@@ -126,6 +139,7 @@ class BackupJob:
         self.host: Host = LOCAL
         self._scratch: str | None = None  # this run's scratch folder, once made
         self._agent_answered = False  # the freeze step reached the guest agent
+        self._measuring = False  # disks are measured (offline -p, -T), not saved
         self._files: SetWriter | None = None
         self._new_chain_id = False
 
@@ -167,21 +181,45 @@ class BackupJob:
             hypervisor.close()
 
     def _run(self, domain: Domain, level: str) -> list[DiskResult]:
-        if not domain.is_running():
-            if self.opts.startonly and not self.opts.start_domain:
-                raise UsageError(
-                    f"domain {domain.name} is shut off: -s starts a backup job, which needs "
-                    "the domain running (start it, or add -S)"
-                )
-            if not self.opts.start_domain:
-                return self._run_offline(domain, level)
-            log.info("starting domain %s paused for the backup (-S)", domain.name)
-            domain.start_paused()
-            try:
-                return self._run(domain, level)
-            finally:
-                domain.destroy()
-                log.info("domain %s is shut off again", domain.name)
+        """The steps of a backup run, in this order:
+
+        1. the domain's state: shut off, it is backed up offline
+           (``_run_offline``), or started paused for the run (-S);
+        2. what a killed run left is put right, a job still running refused;
+        3. plan: the step the level asks for on this chain, the chain checked
+           (-p and -T end the run here);
+        4. prepare: a full backup gives up the previous chain's checkpoints
+           (once it is known to fit), the job's XML is made;
+        5. start the job: the new checkpoint and the job in one libvirt call,
+           the guest's file systems frozen around it; a refusal QEMU's state
+           explains is healed and 4-5 are taken again;
+        6. transfer every disk, then commit (metadata, manifest, checkpoint
+           recorded); on any failure the job is stopped and its checkpoint
+           and files taken back.
+        """
+        if domain.is_running():
+            return self._run_online(domain, level)
+        if self.opts.startonly and not self.opts.start_domain:
+            raise UsageError(
+                f"domain {domain.name} is shut off: -s starts a backup job, which needs "
+                "the domain running (start it, or add -S)"
+            )
+        if not self.opts.start_domain:
+            return self._run_offline(domain, level)
+        with self._started_paused(domain):
+            return self._run_online(domain, level)
+
+    @contextmanager
+    def _started_paused(self, domain: Domain) -> Iterator[None]:
+        log.info("starting domain %s paused for the backup (-S)", domain.name)
+        domain.start_paused()
+        try:
+            yield
+        finally:
+            domain.destroy()
+            log.info("domain %s is shut off again", domain.name)
+
+    def _run_online(self, domain: Domain, level: str) -> list[DiskResult]:
         self._heal_killed_run(domain)
         if domain.has_backup_job():
             raise DomainError(
@@ -191,7 +229,27 @@ class BackupJob:
             )
         domain_xml = domain.xml()
         all_disks, disks = self._select_disks(domain.name, domain_xml)
+        step = self._plan_online(domain, level)
+        if step is None:
+            return []
+        while True:
+            job = self._prepare(domain, step, domain_xml, all_disks, disks)
+            retry = self._start_job(domain, step, job)
+            if retry is None:
+                break
+            step = retry
+        if self.opts.startonly:
+            log.info(
+                "backup job started, NBD server %s (exports named after the disks); it keeps "
+                "running: stop it with: virtnbdbackup -d %s -k",
+                job.server,
+                domain.name,
+            )
+            return []
+        return self._transfer(domain, step, job, domain_xml, disks)
 
+    def _plan_online(self, domain: Domain, level: str) -> BackupStep | None:
+        """Step 3: what this run saves; None when -p or -T end the run."""
         chain = read_chain(self.opts.cpt_file)
         if self.opts.printonly and level == "full":
             level = "copy"  # -p estimates: it must not start a new chain
@@ -199,29 +257,41 @@ class BackupJob:
         if self.opts.startonly:
             # Nothing is saved, so no checkpoint may claim a backup of this point.
             step = replace(step, create=None)
-        if step.since is not None and not self.opts.startonly:
-            since = step.since
-            problem = self._chain_problem(domain, chain)
-            if problem:
-                if self.opts.printonly:
-                    raise DomainError(f"{problem}; the next backup will be a full backup")
-                step = self._start_new_chain(problem)
-            else:
-                changed = sum(domain.checkpoint_sizes(since).values())
-                log.info("about %d bytes changed since checkpoint %s", changed, since)
-                if self.opts.printonly:
-                    print(changed)
-                    return []
-                if changed < self.opts.threshold:
-                    log.info(
-                        "skipping the %s backup: %d bytes changed, below the threshold of %d",
-                        step.level,
-                        changed,
-                        self.opts.threshold,
-                    )
-                    return []
+        if step.since is None or self.opts.startonly:
+            return step
+        problem = self._chain_problem(domain, chain)
+        if problem:
+            if self.opts.printonly:
+                raise DomainError(f"{problem}; the next backup will be a full backup")
+            return self._start_new_chain(problem)
+        changed = sum(domain.checkpoint_sizes(step.since).values())
+        log.info("about %d bytes changed since checkpoint %s", changed, step.since)
+        if self.opts.printonly:
+            print(changed)
+            return None
+        return None if self._below_threshold(step, changed) else step
+
+    def _below_threshold(self, step: BackupStep, changed: int) -> bool:
+        if changed >= self.opts.threshold:
+            return False
+        log.info(
+            "skipping the %s backup: %d bytes changed, below the threshold of %d",
+            step.level,
+            changed,
+            self.opts.threshold,
+        )
+        return True
+
+    def _prepare(
+        self,
+        domain: Domain,
+        step: BackupStep,
+        domain_xml: str,
+        all_disks: list[Disk],
+        disks: list[Disk],
+    ) -> JobSpec:
+        """Step 4: the checkpoint and backup job to ask libvirt for."""
         bitmap_disks = [d for d in disks if d.format != "raw"]
-        new_checkpoint = None
         if step.level == "full" and not self.opts.startonly:
             if not bitmap_disks:
                 raise UsageError(
@@ -233,6 +303,7 @@ class BackupJob:
             self._remove_checkpoints(domain)
         if step.since:
             log.info("saving the changes since checkpoint %s", step.since)
+        new_checkpoint = None
         if step.create:
             new_checkpoint = checkpoint_xml(step.create, bitmap_disks, all_disks)
             log.info("creating checkpoint %s", step.create)
@@ -251,17 +322,30 @@ class BackupJob:
             socket = self.opts.socket_file or f"{folder}/virtnbdbackup{suffix or '.sock'}"
             server = NbdAddress(socket=socket)
         job_xml = backup_xml(disks, all_disks, server, scratch, step.since, bind)
-        log.info("starting backup job, NBD server %s", server)
+        return JobSpec(
+            job_xml=job_xml,
+            checkpoint_xml=new_checkpoint,
+            server=server,
+            bind=bind,
+            scratch=next(iter(scratch.values())),
+            bitmap_disks=bitmap_disks,
+            all_disks=all_disks,
+        )
+
+    def _start_job(self, domain: Domain, step: BackupStep, job: JobSpec) -> BackupStep | None:
+        """Step 5: None once the job runs; the step to prepare and start again
+        after a refusal that was healed."""
+        log.info("starting backup job, NBD server %s", job.server)
         if self.lock is not None:
             # For the next run, should this one be killed (recovery.py).
-            self.lock.update(checkpoint=step.create, scratch=next(iter(scratch.values())))
+            self.lock.update(checkpoint=step.create, scratch=job.scratch)
         try:
             # Not cut short by a signal: a job started must be known to be
             # stopped, a paused domain resumed, a frozen guest thawed.
             with self.cancel.scope():
                 self.cancel.defer()
                 with frozen_filesystems(domain, self.opts.freeze_mountpoints) as freeze:
-                    self._begin_backup(domain, job_xml, new_checkpoint)
+                    self._begin_backup(domain, job.job_xml, job.checkpoint_xml)
             self._agent_answered = freeze.agent_answered
         except DomainError as err:
             orphan = _existing_bitmap(str(err))
@@ -269,38 +353,49 @@ class BackupJob:
                 # libvirt lost the checkpoint but QEMU kept its bitmap: the name
                 # is ours and a new checkpoint of that name replaces it anyway.
                 self._healed.add(orphan)
-                cleaned = domain.remove_orphan_bitmap(orphan, bitmap_disks, all_disks)
+                cleaned = domain.remove_orphan_bitmap(orphan, job.bitmap_disks, job.all_disks)
                 log.warning(
                     "bitmap %s was left in disk(s) %s without a libvirt checkpoint (libvirt "
                     "lost its checkpoint metadata): removed it",
                     orphan,
                     ", ".join(cleaned) or "(none found)",
                 )
-                return self._run(domain, level)
-            # QEMU checks each bitmap as the job starts: one left inconsistent
-            # by a crash is refused here, before any data has moved.
+                return step
             if "Address already in use" in str(err):
                 raise DomainError(
-                    f"NBD port {server.port} on {bind} is in use (by another backup?): "
+                    f"NBD port {job.server.port} on {job.bind} is in use (by another backup?): "
                     f"choose a free port with -P ({err})"
                 ) from None
+            # QEMU checks each bitmap as the job starts: one left inconsistent
+            # by a crash is refused here, before any data has moved.
             if step.since is None or "bitmap" not in str(err):
                 raise
-            self._start_new_chain(f"QEMU refused the bitmaps of checkpoint {step.since} ({err})")
-            return self._run(domain, "full")
-        if self.opts.startonly:
-            log.info(
-                "backup job started, NBD server %s (exports named after the disks); it keeps "
-                "running: stop it with: virtnbdbackup -d %s -k",
-                server,
-                domain.name,
+            return self._start_new_chain(
+                f"QEMU refused the bitmaps of checkpoint {step.since} ({err})"
             )
-            return []
+        return None
+
+    def _begin_backup(self, domain: Domain, job_xml: str, checkpoint: str | None) -> None:
+        """Create the checkpoint and start the backup job (one libvirt call)."""
+        if self.opts.pause:
+            log.info("pausing domain %s while the backup job starts", domain.name)
+            domain.suspend()
+        try:
+            domain.begin_backup(job_xml, checkpoint)
+        finally:
+            if self.opts.pause:
+                domain.resume()
+
+    def _transfer(
+        self, domain: Domain, step: BackupStep, job: JobSpec, domain_xml: str, disks: list[Disk]
+    ) -> list[DiskResult]:
+        """Step 6: every disk into the set, then the commit; on any failure
+        the job, its checkpoint and its files are taken back."""
         try:
             self.cancel.check()  # a signal while the job started
             if not self.opts.printonly:
                 self._files = self._begin_files(step)
-            with self._reach(server) as reach:
+            with self._reach(job.server) as reach:
                 results = self._backup_disks(disks, step, partial(self._job_export, reach, step))
             if self.opts.printonly:
                 print(sum(r.data_size for r in results), flush=True)
@@ -386,17 +481,6 @@ class BackupJob:
                 yield NbdAddress(socket=local)
         else:
             yield server
-
-    def _begin_backup(self, domain: Domain, job_xml: str, checkpoint: str | None) -> None:
-        """Create the checkpoint and start the backup job (one libvirt call)."""
-        if self.opts.pause:
-            log.info("pausing domain %s while the backup job starts", domain.name)
-            domain.suspend()
-        try:
-            domain.begin_backup(job_xml, checkpoint)
-        finally:
-            if self.opts.pause:
-                domain.resume()
 
     def _check_bitmap_support(self, disks: list[Disk]) -> None:
         """qcow2 v2 (compat 0.10) images cannot store dirty bitmaps."""
@@ -523,15 +607,22 @@ class BackupJob:
         step = plan_step(
             level, read_chain(self.opts.cpt_file), offline=True, epoch=int(time.time())
         )
-        if step.since is not None:
+        if step.since is not None:  # the chain check: each image's bitmap
             for disk in disks:
                 self._check_offline_bitmap(disk, step.since)
             log.info("saving the changes since checkpoint %s", step.since)
         ports = {disk.target: index for index, disk in enumerate(disks)}
+        export = partial(self._offline_export, step, ports)
         if self.opts.printonly:
-            results = self._backup_disks(disks, step, partial(self._offline_export, step, ports))
+            results = self._measure(disks, step, export)
             print(sum(r.data_size for r in results), flush=True)
             return results
+        if step.since is not None and self.opts.threshold:
+            # No QEMU to ask: the changes are counted in the bitmaps' extents.
+            changed = sum(r.data_size for r in self._measure(disks, step, export))
+            log.info("%d bytes changed since checkpoint %s", changed, step.since)
+            if self._below_threshold(step, changed):
+                return []
         self._files = self._begin_files(step)
         try:
             results = self._backup_disks(disks, step, partial(self._offline_export, step, ports))
@@ -658,11 +749,21 @@ class BackupJob:
                 if self.opts.qemu
                 else None,
             )
-            if self.opts.printonly:
+            if self.opts.printonly or self._measuring:
                 return self._print_extents(backup, plan)
             return backup.run()
         finally:
             client.close()
+
+    def _measure(
+        self, disks: list[Disk], step: BackupStep, export: ExportOpener
+    ) -> list[DiskResult]:
+        """The data each disk's backup would save, from its extents; nothing written."""
+        self._measuring = True
+        try:
+            return self._backup_disks(disks, step, export)
+        finally:
+            self._measuring = False
 
     def _print_extents(self, backup: DiskBackup, plan: DiskPlan) -> DiskResult:
         """-p on a full or copy backup: the data extents it would save, nothing written."""

@@ -140,3 +140,20 @@ def test_offline_compressed_copy_reads_over_one_connection_per_lane(
     meta = read_meta(str(out / "vda.copy.data"))
     assert meta.is_compressed
     assert images_identical(vm.images["vda"], restore_image(out, tmp_path / "restored"))
+
+
+def test_offline_inc_honours_the_threshold(small_vm: LabVM, tmp_path: Path) -> None:
+    """-T counts the changes in the image's bitmap when there is no QEMU to ask."""
+    vm = small_vm
+    out = tmp_path / "backup"
+    backup_ok(vm, out, "full")
+    vm.dom.destroy()
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x44 32M 1M", vm.images["vda"])
+
+    log = backup_ok(vm, out, "inc", "-T", str(2 * 1024**2))
+    assert "skipping the inc backup: 1048576 bytes changed" in log
+    assert not list(out.glob("vda.inc.*"))
+
+    backup_ok(vm, out, "inc", "-T", str(512 * 1024))
+    assert len(list(out.glob("vda.inc.virtnbdbackup.0.*.data"))) == 1
+    assert images_identical(vm.images["vda"], restore_image(out, tmp_path / "restored"))
