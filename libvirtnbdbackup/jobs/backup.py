@@ -64,7 +64,7 @@ from .guestfiles import (
     tpm_state_folder,
 )
 from .guestfreeze import frozen_filesystems
-from .recovery import committed, job_of, killed_checkpoint
+from .recovery import committed, job_of, killed_checkpoint, killed_scratch_folder
 from .remote import Remote
 
 log = logging.getLogger(__name__)
@@ -444,6 +444,10 @@ class BackupJob:
                 self.cancel.defer()
                 self._stop_job(domain)
             log.warning("stopped the backup job left running by %s, which was killed", who)
+        folder = killed_scratch_folder(stale.get("scratch"))
+        if folder is not None and self.host.exists(folder):
+            self.host.remove_tree(folder)  # its own, private: no other run uses it
+            log.info("removed the scratch folder %s of the killed run", folder)
         checkpoint = killed_checkpoint(stale, domain.name)
         if checkpoint is None or checkpoint not in domain.checkpoint_names():
             return

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..adapters.hosts import SCRATCH_PREFIX
 from ..format.manifest import manifest_name
 from ..targets.directory import PARTIAL_SUFFIX
 from ..targets.lock import describe
+from .backupoptions import DEFAULT_SCRATCH_PARENT
 from .chainplan import read_chain
 
 log = logging.getLogger(__name__)
@@ -99,3 +101,15 @@ def job_of(job_xml: str | None, scratch: object) -> bool:
     return bool(job_xml and isinstance(scratch, str) and scratch and any(
         f"{q}{scratch}{q}" in job_xml for q in "'\""
     ))
+
+
+def killed_scratch_folder(scratch: object) -> str | None:
+    """The private scratch folder (``/var/tmp/virtnbdbackup.XXXXXXXX``) a
+    killed run made for its job, or None (``--scratchdir`` is the user's)."""
+    if not isinstance(scratch, str):
+        return None
+    folder = os.path.dirname(scratch)
+    parent, name = os.path.split(folder)
+    if parent != DEFAULT_SCRATCH_PARENT or not name.startswith(SCRATCH_PREFIX):
+        return None
+    return folder

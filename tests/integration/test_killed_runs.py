@@ -4,6 +4,7 @@ files), puts it right with a warning and completes."""
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,9 +70,12 @@ def test_sigkill_mid_inc(chain_vm: tuple[LabVM, Path, Mirror], tmp_path: Path) -
     vm, out, mirror = chain_vm
     kill_inc_when(vm, out, out / "vda.inc.virtnbdbackup.1.data.partial", 1 << 20)
     assert vm.has_job(), "a killed run cannot stop its job"
+    scratch = Path(json.loads((out / ".virtnbdbackup.lock").read_text())["scratch"]).parent
+    assert scratch.is_dir()
     log = assert_next_run_heals(vm, out, mirror, tmp_path, "inc")
     assert "stopped the backup job left running" in log
     assert "removed checkpoint virtnbdbackup.1" in log
+    assert not scratch.exists(), "the killed run's scratch folder is removed"
 
 
 def test_sigkill_right_after_the_data_file_is_renamed(
