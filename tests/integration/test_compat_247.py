@@ -229,6 +229,7 @@ def test_syslog_option_sends_the_log_to_syslog(compat_vm: LabVM, tmp_path: Path)
             "-o",
             tmp_path / "b",
             env=env,
+            timeout=300,
         )
         assert proc.returncode == 0, proc.stderr
     finally:
@@ -271,3 +272,21 @@ def test_zip_backup_entries_are_mode_644_with_real_dates(compat_vm: LabVM, tmp_p
     assert {i.filename for i in infos} >= {"vda.copy.data", "vmconfig.copy.xml"}
     assert all(i.external_attr >> 16 == 0o100644 for i in infos), infos
     assert all(i.date_time[:3] == today for i in infos), infos
+
+
+def test_qemu_option_reads_the_dirty_bitmap_with_nbdinfo_too(
+    compat_vm: LabVM, chain: Path, tmp_path: Path
+) -> None:
+    hmp_io(compat_vm, "vda", "write -P 0x33 300M 1M")
+    plain, via_nbdinfo = tmp_path / "plain", tmp_path / "nbdinfo"
+    for out in (plain, via_nbdinfo):
+        sh("cp", "-a", chain, out)
+    backup_ok(compat_vm, plain, "diff")
+    log = backup_ok(compat_vm, via_nbdinfo, "diff", "-q", "-v")
+    assert "--map=qemu:dirty-bitmap:backup-vda" in log
+    [diff_plain] = plain.glob("vda.diff.*.data")
+    [diff_q] = via_nbdinfo.glob("vda.diff.*.data")
+    assert read_meta(str(diff_q)).data_size == read_meta(str(diff_plain)).data_size >= 1024**2
+    assert images_identical(
+        restore_image(plain, tmp_path / "r-plain"), restore_image(via_nbdinfo, tmp_path / "r-q")
+    )
