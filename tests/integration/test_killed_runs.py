@@ -5,7 +5,9 @@ files), puts it right with a warning and completes."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,3 +101,41 @@ def test_sigterm_right_after_the_data_file_is_renamed(
     backup_ok(vm, out, "auto")
     restored = restore_image(out, tmp_path / "restored")
     assert images_identical(restored, mirror.path)
+
+
+def test_a_run_killed_after_its_commit_point_is_recorded(
+    chain_vm: tuple[LabVM, Path, Mirror], tmp_path: Path
+) -> None:
+    """Killed between the manifest (the commit point) and the write of
+    <domain>.cpt: the state is made as such a kill leaves it (the window is
+    too short to hit with a signal), from a real run."""
+    vm, out, mirror = chain_vm
+    backup_ok(vm, out, "inc")
+    at_inc1 = tmp_path / "at-inc1.qcow2"
+    shutil.copyfile(mirror.path, at_inc1)
+    assert (out / "manifest.virtnbdbackup.1.json").is_file()
+    cpt = out / f"{vm.name}.cpt"
+    cpt.write_text(json.dumps(["virtnbdbackup.0"]))  # the cpt write never happened
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / ".virtnbdbackup.lock").write_text(
+        json.dumps(
+            {
+                "pid": dead.pid,
+                "purpose": f"virtnbdbackup -l inc of domain {vm.name}",
+                "domain": vm.name,
+                "level": "inc",
+                "checkpoint": "virtnbdbackup.1",
+                "scratch": "/nonexistent/scratch",
+            }
+        )
+    )
+
+    mirror.write("write -P 0x7a 150M 2M")
+    log = backup_ok(vm, out, "inc")
+    assert "was committed, but the run was killed before it recorded the checkpoint" in log
+    assert json.loads(cpt.read_text()) == ["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"]
+    restored = restore_image(out, tmp_path / "latest")
+    assert images_identical(restored, mirror.path)
+    until = restore_image(out, tmp_path / "until", "--until", "virtnbdbackup.1")
+    assert images_identical(until, at_inc1)
