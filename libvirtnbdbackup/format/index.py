@@ -7,8 +7,12 @@ The backup writes it next to the data file; a reader that finds it missing
 or stale rebuilds it by seeking from frame header to frame header, never
 reading a payload. Older readers ignore it: it is not a ``.data`` file.
 
-Staleness is told by the data file's size and a fingerprint of its first
-and last 64 KiB (meta JSON with its timestamp, and the trailer).
+An index is bound to its data file: it names the file, holds its size, a
+fingerprint of its first and last 64 KiB (meta JSON with its timestamp,
+and the trailer) and, when the writer knew it, its Adler-32 (compared with
+the ``.chksum`` file), and ends with a BLAKE2b digest of all of that and
+of the extents. One that does not match in any of these, or whose extents
+do not fit the file, is rejected and rebuilt from the frame headers.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".idx"
 INDEX_FORMAT = "virtnbdbackup-extent-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 1: without digest and dataChecksum (rebuilt when found)
 FINGERPRINT_SPAN = 64 * 1024
 _LZ4_MAGIC = 0x184D2204
 _LZ4_CONTENT_SIZE_FLAG = 0x08
@@ -76,18 +80,25 @@ class FileIndex:
     virtual_size: int
     compressed: bool
     extents: list[Extent]
+    # Adler-32 of the whole data file, when known; not part of what the index says.
+    data_checksum: int | None = field(default=None, compare=False)
 
-    def to_bytes(self) -> bytes:
-        doc = {
+    def _doc(self) -> dict[str, Any]:
+        return {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
             "dataFile": self.data_file,
             "fileSize": self.file_size,
             "fingerprint": self.fingerprint,
+            "dataChecksum": self.data_checksum,
             "virtualSize": self.virtual_size,
             "compressed": self.compressed,
             "extents": [e.to_json() for e in self.extents],
         }
+
+    def to_bytes(self) -> bytes:
+        doc = self._doc()
+        doc["digest"] = _digest(doc)
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -96,16 +107,38 @@ class FileIndex:
             doc = json.loads(raw)
             if doc.get("format") != INDEX_FORMAT or doc.get("version") != INDEX_VERSION:
                 raise ValueError("unknown index format or version")
-            return cls(
+            checksum = doc["dataChecksum"]
+            index = cls(
                 data_file=str(doc["dataFile"]),
                 file_size=int(doc["fileSize"]),
                 fingerprint=str(doc["fingerprint"]),
                 virtual_size=int(doc["virtualSize"]),
                 compressed=bool(doc["compressed"]),
                 extents=[Extent.from_json(e) for e in doc["extents"]],
+                data_checksum=None if checksum is None else int(checksum),
             )
+            if doc["digest"] != _digest(index._doc()):
+                raise ValueError("its digest does not match its content (it was changed)")
+            index.check_extents()
+            return index
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise StreamError(f"{where}: index is damaged: {err}") from None
+
+    def check_extents(self) -> None:
+        """Extents in disk order, inside the disk, payloads inside the file."""
+        end = 0
+        for e in self.extents:
+            if e.start < end or e.length <= 0 or e.start + e.length > self.virtual_size:
+                raise ValueError(f"extent {e.start}+{e.length} is out of order or out of the disk")
+            end = e.start + e.length
+            stored = sum(p for p, _u in e.pieces) if e.pieces else e.length
+            if not e.is_zero and not HEADER_SIZE <= e.offset <= self.file_size - stored:
+                raise ValueError(f"extent {e.start}+{e.length} points outside the data file")
+
+
+def _digest(doc: dict[str, Any]) -> str:
+    body = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    return hashlib.blake2b(body, digest_size=32).hexdigest()
 
 
 def fingerprint_of(head: bytes, tail: bytes) -> str:
@@ -185,6 +218,7 @@ def build_index(fh: BinaryIO, name: str) -> FileIndex:
         virtual_size=meta.virtual_size,
         compressed=meta.is_compressed,
         extents=extents,
+        data_checksum=saved_checksum(name),
     )
 
 
@@ -245,8 +279,18 @@ def _lz4_content_size(fh: BinaryIO, name: str, offset: int, packed: int) -> int:
         raise StreamError(f"{name} at offset {offset}: compressed data is damaged: {err}") from None
 
 
+def saved_checksum(path: str) -> int | None:
+    """The Adler-32 in ``<datafile>.chksum``; None when there is none (or it is damaged)."""
+    try:
+        with open(path + ".chksum", "rb") as fh:
+            return int(fh.read(32).strip())
+    except (OSError, ValueError):
+        return None
+
+
 def load_index(path: str, fh: BinaryIO) -> FileIndex | None:
-    """The side-file index of the open data file ``fh``, or None if missing or stale."""
+    """The side-file index of the open data file ``fh``, or None if missing,
+    stale or not bound to it (see the module's docstring)."""
     try:
         with open(index_path(path), "rb") as side:
             raw = side.read()
@@ -255,11 +299,20 @@ def load_index(path: str, fh: BinaryIO) -> FileIndex | None:
     try:
         index = FileIndex.from_bytes(raw, index_path(path))
     except StreamError as err:
-        log.warning("%s; rebuilding it", err)
+        if b'"version":1,' in raw[:80]:
+            log.info("%s is of an older version; rebuilding it", index_path(path))
+        else:
+            log.warning("%s; rebuilding it", err)
         return None
     size = os.fstat(fh.fileno()).st_size
-    if index.file_size != size or index.fingerprint != file_fingerprint(fh, size):
-        log.info("%s does not match its data file; rebuilding it", index_path(path))
+    checksum = saved_checksum(path)
+    if (
+        index.data_file != os.path.basename(path)
+        or index.file_size != size
+        or index.fingerprint != file_fingerprint(fh, size)
+        or (None not in (checksum, index.data_checksum) and checksum != index.data_checksum)
+    ):
+        log.warning("%s does not match its data file; rebuilding it", index_path(path))
         return None
     return index
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Protocol
 
 import lz4.frame
 
@@ -27,11 +28,22 @@ from .reader import lz4_content_size
 SLICE = 1024 * 1024
 
 
+class Summing(Protocol):
+    def add(self, offset: int, data: bytes) -> None: ...
+
+
 def decompressed_slices(
-    fd: int, position: int, stored: int, length: int, where: str, slice_size: int = SLICE
+    fd: int,
+    position: int,
+    stored: int,
+    length: int,
+    where: str,
+    slice_size: int = SLICE,
+    ledger: Summing | None = None,
 ) -> Iterator[bytes]:
     """The ``length`` disk bytes of the piece stored in ``stored`` bytes at
-    file offset ``position`` of ``fd``; ``where`` names it in errors."""
+    file offset ``position`` of ``fd``; ``where`` names it in errors.
+    ``ledger`` gets each stored range read (its checksum, format/checked.py)."""
     damaged = StreamError(
         f"{where}: compressed piece does not hold the {length} bytes of its extent "
         "(the data is damaged)"
@@ -48,6 +60,8 @@ def decompressed_slices(
                 raise StreamError(
                     f"{where}: file ends inside compressed data (the file is truncated)"
                 )
+            if ledger is not None:
+                ledger.add(pos, data)
             if pos == position and lz4_content_size(data, where) != length:
                 raise damaged
             pos += len(data)

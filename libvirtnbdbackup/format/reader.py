@@ -259,6 +259,8 @@ def _check_trailer_entry(entry: object) -> None:
 def _check_meta_header(header: Header, where: str) -> None:
     if header.kind is not Kind.META:
         raise StreamError(f"{where}: file does not start with a meta frame")
+    if header.start != 0:
+        raise StreamError(f"{where}: meta frame header with START {header.start}, not 0 (damaged)")
     if header.length > MAX_JSON_SIZE:
         raise StreamError(f"{where}: meta length {header.length} is implausible (damaged header)")
 
@@ -282,7 +284,15 @@ def read_meta(path: str) -> StreamMeta:
 
 
 def is_stream_file(path: str) -> bool:
-    """True for stream files, False for raw images (which have no frames)."""
+    """True for stream files, False for raw images (which have no frames).
+
+    The name decides: only ``<disk>.copy.data`` without a ``.chksum`` can
+    be a raw image (raw images get no checksum file). Any other data file
+    is a stream, damaged or not: reading it then reports the damage with
+    file and offset, instead of taking it for a raw image.
+    """
+    if not os.path.basename(path).endswith(".copy.data") or os.path.exists(path + ".chksum"):
+        return True
     with open(path, "rb") as fh:
         head = fh.read(HEADER_SIZE)
     try:

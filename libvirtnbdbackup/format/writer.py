@@ -314,6 +314,7 @@ class StreamWriter:
             virtual_size=self._meta.virtual_size,
             compressed=self._level is not None,
             extents=extents,
+            data_checksum=self._out.adler32,
         )
 
     def _check_order(self, offset: int, length: int) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..adapters.domainxml import boot_files, disk_sources
 from ..errors import StreamError, TargetError
+from ..format.checked import SetCheck, set_check
 from ..format.meta import StreamMeta
 from ..format.reader import is_stream_file, read_meta
 
@@ -53,6 +55,7 @@ class DataFile:
     path: Path
     disk: str
     meta: StreamMeta | None  # None for a raw image (no frames)
+    chain: str | None = None  # identity of its chain, from its manifest
 
     @property
     def name(self) -> str:
@@ -69,29 +72,47 @@ class DataFile:
         return self.meta.checkpoint_name
 
 
-def scan(folder: str | Path) -> list[DataFile]:
-    """Every complete data file in ``folder``; a stale ``.partial`` is refused."""
+def scan(folder: str | Path, check: SetCheck | None = None) -> list[DataFile]:
+    """Every committed data file in ``folder`` (see ``format/checked.py``)."""
     root = Path(folder)
     if not root.is_dir():
         raise TargetError(f"{root} is not a backup folder")
-    return [data_file(inside(root, path)) for path in sorted(root.glob("*.data"))]
+    check = check or set_check(root)
+    names = check.usable([p.name for p in sorted(root.glob("*.data"))])
+    return [data_file(inside(root, root / name), check.chain_of(name)) for name in names]
 
 
-def data_file(path: Path) -> DataFile:
+def data_file(path: Path, chain: str | None = None) -> DataFile:
     """A stream file with its meta, or a raw image (named ``<disk>.copy.data``)."""
     if is_stream_file(str(path)):
         meta = read_meta(str(path))
-        return DataFile(path, plain_name(meta.disk_name, f"in {path.name} the disk"), meta)
-    return DataFile(path, plain_name(path.name.split(".", 1)[0], "the disk"), None)
+        disk = plain_name(meta.disk_name, f"in {path.name} the disk")
+        return DataFile(path, disk, meta, chain)
+    return DataFile(path, plain_name(path.name.split(".", 1)[0], "the disk"), None, chain)
 
 
 def latest_config(folder: Path, sequences: list[list[DataFile]]) -> Path | None:
     """The domain XML saved with the newest backup of these chains."""
     for sequence in sequences:
         candidate = folder / f"vmconfig.{sequence[-1].ident}.xml"
-        if candidate.is_file():
-            return inside(folder, candidate)
+        if candidate.exists():
+            check_config(inside(folder, candidate))
+            return candidate
     return None
+
+
+def check_config(config: Path) -> str:
+    """The text of a saved domain XML, if it can be read and parsed."""
+    try:
+        text = config.read_text()
+        root = ET.fromstring(text)
+    except OSError as err:
+        raise TargetError(f"{config} cannot be read: {err.strerror or err}") from None
+    except (ET.ParseError, UnicodeDecodeError) as err:
+        raise StreamError(f"{config} is not a well-formed domain XML: {err}") from None
+    if root.tag != "domain":
+        raise StreamError(f"{config} is not a domain XML (its root is <{root.tag}>)")
+    return text
 
 
 @dataclass(frozen=True)
@@ -176,6 +197,12 @@ def _chain(disk: str, group: list[DataFile]) -> Chain:
         for f in offline + following:
             links.append(f)
             incs.remove(f)
+    for f in links + diffs:
+        if f.chain != links[0].chain:
+            raise StreamError(
+                f"disk {disk}: {f.name} belongs to another chain than {links[0].name} "
+                f"(chain {f.chain} against {links[0].chain}): refusing to apply it"
+            )
     for diff in diffs:
         if _parent(diff) not in {_checkpoint(f) for f in links}:
             raise StreamError(
@@ -199,6 +226,11 @@ def ordered_sequence(files: list[DataFile], option: str = "--sequence") -> list[
             raise StreamError(
                 f"{option}: {after.name} builds on checkpoint {_parent(after)}, but "
                 f"{before.name} holds {_checkpoint(before)}"
+            )
+        if after.chain != first.chain:
+            raise StreamError(
+                f"{option}: {after.name} belongs to another chain than {first.name} "
+                f"(chain {after.chain} against {first.chain})"
             )
     return files
 

@@ -27,6 +27,7 @@ from ..adapters.nbdclient import NbdAddress, NbdClient
 from ..adapters.virt import Domain, Hypervisor
 from ..errors import Interrupted, NbdError, StreamError, TargetError, UsageError, VirtnbdError
 from ..format.chainimage import merge_layers
+from ..format.checked import Ledger, set_check
 from ..format.index import Extent, FileIndex, build_index, load_index
 from ..format.lz4piece import decompressed_slices
 from ..format.reader import file_adler32, is_stream_file, read_meta_doc
@@ -105,7 +106,8 @@ class RestoreJob:
             self.host.close()
 
     def _run(self) -> list[Path]:
-        files = scan(self.input)
+        self.check = set_check(self.input)
+        files = scan(self.input, self.check)
         if self.opts.disk:
             files = [f for f in files if f.disk == self.opts.disk]
         if not files:
@@ -351,8 +353,10 @@ class RestoreJob:
                 for data_file, writes in zip(chain, plan, strict=True):
                     log.info("disk %s: applying %s", disk, data_file.name)
                     assert data_file.meta is not None
-                    with FileSource(data_file.path, data_file.meta.is_compressed) as source:
+                    ledger = self._ledger(data_file)
+                    with FileSource(data_file.path, data_file.meta.is_compressed, ledger) as source:
                         self._replay(source, writes, clients, bar, behind)
+                        source.verify()
                 for client in clients:
                     client.flush()
             if self.opts.compress:
@@ -383,6 +387,17 @@ class RestoreJob:
             seconds,
             total / 2**20 / max(seconds, 1e-6),
         )
+
+    def _ledger(self, data_file: DataFile) -> Ledger | None:
+        """The checksum check of a file while it is applied; None when it has no
+        checksum at all (an unzipped ``-o -`` backup of 2.x)."""
+        expected = self.check.expected(data_file.path)
+        if not expected.checked:
+            log.warning(
+                "%s has no checksum (.chksum or manifest): its data is not checked", data_file.name
+            )
+            return None
+        return Ledger(data_file.path, expected)
 
     def _write_behind(self, image: str) -> AbstractContextManager[WriteBehind | None]:
         """Start the writeback of a local image while qemu-nbd fills it: qcow2
@@ -492,9 +507,11 @@ class FileSource:
     (compressed), which is decompressed a slice at a time as it is written.
     """
 
-    def __init__(self, path: Path, compressed: bool) -> None:
+    def __init__(self, path: Path, compressed: bool, ledger: Ledger | None = None) -> None:
+        """``ledger``: sums every byte read, for ``verify()`` (format/checked.py)."""
         self.path = path
         self.compressed = compressed
+        self.ledger = ledger
         self._fd = os.open(path, os.O_RDONLY)
         self._buffers = threading.local()
 
@@ -503,6 +520,11 @@ class FileSource:
 
     def __exit__(self, *_exc: object) -> None:
         os.close(self._fd)
+
+    def verify(self) -> None:
+        """The file's checksum, from what was read and what was not."""
+        if self.ledger is not None:
+            self.ledger.verify(self._fd)
 
     def units(self, writes: list[Write]) -> Iterator[Unit]:
         if self.compressed:
@@ -527,6 +549,8 @@ class FileSource:
                     f"{self.path} at offset {position + got}: file ends inside the "
                     f"extent at {extent.start} (the file is truncated)"
                 )
+            if self.ledger is not None:
+                self.ledger.add(position, view[:n])
             yield offset, view[:n]
 
     def _buffer(self) -> memoryview:
@@ -563,7 +587,7 @@ class FileSource:
         where = f"{self.path} at offset {piece.position}"
         disk = piece.start
         for raw in decompressed_slices(
-            self._fd, piece.position, piece.stored, piece.length, where, CHUNK
+            self._fd, piece.position, piece.stored, piece.length, where, CHUNK, self.ledger
         ):
             yield from _clip(disk, memoryview(raw), parts)
             disk += len(raw)
@@ -622,17 +646,15 @@ def verify(folder: str, disk: str | None = None, buffsize: int = 4 * 1024 * 1024
     """
     failed = []
     checked = 0
-    for f in scan(folder):
+    check = set_check(folder)
+    for f in scan(folder, check):
         if f.meta is None or (disk is not None and f.disk != disk):
             continue
-        saved = f.path.with_name(f.name + ".chksum")
-        if not saved.is_file():
+        wanted = check.expected(f.path)
+        if wanted.adler32 is None:
             log.warning("%s: no checksum file, not verified", f.name)
             continue
-        try:
-            expected = int(saved.read_text().strip())
-        except ValueError:
-            raise StreamError(f"{saved}: not a checksum") from None
+        expected = wanted.adler32
         actual = file_adler32(str(f.path), chunk_size=buffsize)
         checked += 1
         if actual == expected:

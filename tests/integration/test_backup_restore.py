@@ -155,6 +155,11 @@ def test_truncated_stream_fails_restore_without_leaving_an_image(vm: LabVM, tmp_
     with open(data_file, "r+b") as fh:
         fh.truncate(size - 5000)
     proc = restore(out, restored)
+    assert proc.returncode == 1  # the manifest's size tells it first
+    assert "vdb.copy.data has" in proc.stderr and "truncated" in proc.stderr
+    for manifest in out.glob("manifest.*"):  # as 2.47 leaves a set: the reader tells it
+        manifest.unlink()
+    proc = restore(out, restored)
     assert proc.returncode == 1
     assert "vdb.copy.data at offset" in proc.stderr and "truncated" in proc.stderr
     assert list(restored.iterdir()) == [], "no image may be left behind"

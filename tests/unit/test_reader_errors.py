@@ -386,10 +386,25 @@ def test_read_meta_of_a_raw_image(tmp_path: Path) -> None:
     assert str(path) in str(err.value)
 
 
-def test_a_stream_of_another_kind_is_not_a_stream_file(tmp_path: Path) -> None:
-    path = tmp_path / "odd.data"
+@pytest.mark.parametrize("name", ["vda.full.data", "vda.inc.virtnbdbackup.1.data", "x.data"])
+def test_a_file_named_as_a_stream_is_a_stream_whatever_it_holds(tmp_path: Path, name: str) -> None:
+    """Issue 12, item 1: a damaged first frame made the file a "raw image"."""
+    path = tmp_path / name
     path.write_bytes(frames.encode(Kind.DATA, 0, 4) + b"abcd\r\n" + STOP)
+    assert is_stream_file(str(path)) is True
+    with pytest.raises(StreamError, match=f"{name} at offset 0: file does not start with a meta"):
+        read_meta(str(path))
+
+
+def test_a_copy_with_a_checksum_file_is_a_stream(tmp_path: Path) -> None:
+    """Raw images get no .chksum: a copy that has one is a (damaged) stream."""
+    path = tmp_path / "vda.copy.data"
+    path.write_bytes(b"meta 0000")  # truncated in its first header
     assert is_stream_file(str(path)) is False
+    (tmp_path / "vda.copy.data.chksum").write_text("1")
+    assert is_stream_file(str(path)) is True
+    with pytest.raises(StreamError, match=r"vda.copy.data at offset 0: stream ends after 9 of 40"):
+        read_meta(str(path))
 
 
 # --- damaged headers and trailers that once slipped past the reader ----------------------
