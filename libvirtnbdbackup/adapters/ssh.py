@@ -16,6 +16,7 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SSH_FAILED = 255  # ssh's own exit code: the connection, not the command, failed
 CONTROL_PERSIST = 60  # seconds a shared connection outlives its last use
+FORWARD_CHECK_SECONDS = 30  # for the first byte through a new forward
 
 # Run remotely as ``sh -c SCRIPT sh ARG...``: the paths are never re-parsed.
 _UPLOAD = (
@@ -105,6 +107,7 @@ class SshHost:
                 self._mux("forward", spec)
             else:
                 proc = self._forwarding_session(spec)
+            self._check_forward(local, remote_socket)
             yield local
         finally:
             if proc is not None:
@@ -113,6 +116,25 @@ class SshHost:
                 with contextlib.suppress(SshError):
                     self._mux("cancel", spec)
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _check_forward(self, local: str, remote_socket: str) -> None:
+        """ssh accepts on the local end first and asks sshd for the remote one
+        only then: a server that speaks first (NBD does) must be heard."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(FORWARD_CHECK_SECONDS)
+        try:
+            probe.connect(local)
+            heard = probe.recv(1, socket.MSG_PEEK)
+        except OSError:
+            heard = b""
+        finally:
+            probe.close()
+        if not heard:
+            raise SshError(
+                f"{self.host}: the SSH server did not forward {remote_socket} (is "
+                "AllowStreamLocalForwarding or DisableForwarding set in its sshd_config?); "
+                "allow it for this login, or give -P PORT for NBD over TCP as 2.47 did"
+            )
 
     def _mux(self, command: str, spec: tuple[str, ...]) -> None:
         cmd = self.ssh_argv(control=command, extra=("-o", "ExitOnForwardFailure=yes", *spec))

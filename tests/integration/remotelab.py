@@ -74,7 +74,8 @@ class SshServer:
 
 
 @contextlib.contextmanager
-def ssh_server() -> Iterator[SshServer]:
+def ssh_server(extra_config: str = "") -> Iterator[SshServer]:
+    """``extra_config``: more sshd_config lines."""
     folder = Path(tempfile.mkdtemp(prefix="vnbt-sshd.", dir="/var/tmp"))
     proc = None
     try:
@@ -88,7 +89,7 @@ def ssh_server() -> Iterator[SshServer]:
             f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {folder}/host_key\n"
             f"AuthorizedKeysFile {folder}/authorized_keys\nPermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-            f"PidFile none\nStrictModes no\n"
+            f"PidFile none\nStrictModes no\n{extra_config}"
         )
         host_key = (folder / "host_key.pub").read_text().split()
         (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")

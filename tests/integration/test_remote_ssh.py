@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .remotelab import SshServer, ssh_server
+from .remotelab import SshServer, free_ports, ssh_server
 from .test_remote import qemu_nbd_serving
 from .vmlab import LabVM, hmp_io, images_identical, run_tool, sh
 
@@ -74,3 +74,19 @@ def test_shut_off_domain_over_ssh(small_vm: LabVM, sshd: SshServer, tmp_path: Pa
     proc = run_tool("virtnbdrestore", "-i", out, "-o", tmp_path / "r", "-n")
     assert proc.returncode == 0, proc.stderr
     assert images_identical(vm.images["vda"], next((tmp_path / "r").glob("*.qcow2")))
+
+
+def test_sshd_that_forbids_forwarding_names_the_way_out(
+    small_vm: LabVM, tmp_path: Path
+) -> None:
+    """2.47's command line still works where sshd forbids forwarding: -P
+    gives its TCP transport, and the default says so in one line."""
+    with ssh_server("AllowStreamLocalForwarding no\n") as strict:
+        proc = remote(strict, "virtnbdbackup", "-d", small_vm.name, "-l", "copy", "-o",
+                      tmp_path / "a")  # fmt: skip
+        errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+        assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+        assert "AllowStreamLocalForwarding" in errors[0] and "-P PORT" in errors[0]
+        assert not small_vm.has_job()
+        ok(remote(strict, "virtnbdbackup", "-d", small_vm.name, "-l", "copy", "-o",
+                  tmp_path / "b", "-P", str(free_ports())))  # fmt: skip
