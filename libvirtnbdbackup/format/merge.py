@@ -244,6 +244,7 @@ def merge_chain(
     *,
     parent: str | None = None,
     max_piece: int = MAX_REQUEST_SIZE,
+    checksums: list[int] | None = None,
 ) -> MergeResult:
     """Write the one file that replaces ``paths`` (oldest first) into ``out``.
 
@@ -253,6 +254,8 @@ def merge_chain(
     checkpoint: what any of them saved, newest first; ranges none saved
     stay gaps. ``max_piece``: the piece size of compressed frames, the
     chain's (the largest NBD request, as the backups were cut).
+    ``checksums``: the Adler-32 each file must have (the checked reader's,
+    from ``.chksum`` and manifest); by default its ``.chksum`` file's.
     """
     metas, indexes = open_chain(paths)
     if parent is None and metas[0].incremental:
@@ -265,8 +268,9 @@ def merge_chain(
     meta = merged_meta(metas, data_size, parent)
     cursors: list[_Cursor] = []
     try:
-        for path, index in zip(paths, indexes, strict=True):
-            cursors.append(_Cursor(path, index, read_checksum(path)))
+        sums = checksums if checksums is not None else [read_checksum(p) for p in paths]
+        for path, index, checksum in zip(paths, indexes, sums, strict=True):
+            cursors.append(_Cursor(path, index, checksum))
         writer = StreamWriter(out, meta, max_piece=max_piece)
         copied = _write_segments(writer, segments, cursors)
         for cursor in cursors:

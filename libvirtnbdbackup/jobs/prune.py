@@ -29,6 +29,7 @@ from pathlib import Path
 from ..adapters.domainxml import boot_files
 from ..adapters.virt import Hypervisor, own_checkpoints
 from ..errors import DomainError, StreamError, TargetError
+from ..format.checked import SetCheck, check_chain, set_check
 from ..format.index import index_path
 from ..format.manifest import FileEntry, Manifest, manifest_name, read_state
 from ..format.merge import merge_chain, verify_merged
@@ -195,6 +196,10 @@ def _saved_times(folder: Path, names: list[str]) -> dict[str, str]:
 def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> int:
     """Write, check and commit every merge of a folder; the bytes written."""
     folder = fplan.folder
+    # The checked reader: in a set with manifests only committed files of one
+    # chain, of the sizes and sums recorded (a set of 2.x: its .chksum files).
+    check = set_check(folder)
+    check.usable(sorted(p.name for p in folder.glob("*.data")))
     work = folder / WORK_DIR
     work.mkdir(mode=PRIVATE_DIR)
     fsync_dir(folder)
@@ -211,8 +216,10 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
                 if f.meta is None:
                     continue  # a raw image saved with the full stays as it is
                 paths = [str(_file_of(p, f.disk).path) for p in [*group, target]]
+                check_chain(check, f.disk, [Path(p).name for p in paths])
+                sums = [_expected_sum(check, Path(p)) for p in paths]
                 name = f"{f.disk}.full.data" if parent is None else f.name
-                size, made = _merge_one(paths, work, name, parent, verify, on_step)
+                size, made = _merge_one(paths, sums, work, name, parent, verify, on_step)
                 written += size
                 install += made
                 new_files.setdefault(target.ident, []).extend(made)
@@ -303,15 +310,31 @@ def _sum_of(work: Path, name: str) -> int:
     return file_adler32(str(work / name))
 
 
+def _expected_sum(check: SetCheck, path: Path) -> int:
+    expected = check.expected(path)
+    if expected.adler32 is None:
+        raise StreamError(
+            f"{path} has no checksum (no {path.name}.chksum, no manifest entry): its bytes "
+            "cannot be checked, so it is not merged"
+        )
+    return expected.adler32
+
+
 def _merge_one(
-    paths: list[str], work: Path, name: str, parent: str | None, verify: bool, on_step: Step
+    paths: list[str],
+    sums: list[int],
+    work: Path,
+    name: str,
+    parent: str | None,
+    verify: bool,
+    on_step: Step,
 ) -> tuple[int, list[str]]:
     """One disk's files merged into ``work/name`` with its side files
     (checksum, index, and for an inc its zero ranges), checked; its size
     and the names made."""
     sink = PartialFile(work / name)
     try:
-        result = merge_chain(paths, sink.file, name, parent=parent)
+        result = merge_chain(paths, sink.file, name, parent=parent, checksums=sums)
     except BaseException:
         sink.abort()
         raise
