@@ -103,8 +103,8 @@ class Remote:
         if self.over_ssh:
             return (
                 "disks travel over NBD on a unix socket of the hypervisor, forwarded through "
-                "the SSH connection (authenticated, encrypted; the default since 2.47's plain "
-                "TCP: give -P, -I or --tls for NBD over TCP)"
+                "the SSH connection: authenticated and encrypted (the default; 2.47 used plain "
+                "TCP, which -P, -I or --tls select)"
             )
         if self.opts.tls:
             return "disks travel over NBD on TCP with TLS (--tls)"
