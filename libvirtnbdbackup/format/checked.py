@@ -23,7 +23,8 @@ through these pieces; none takes a byte of a set for granted:
 Interface (kept small on purpose)::
 
     check = set_check(folder)          # SetCheck
-    check.usable(names) -> names       # committed data files (raises, or skips killed runs)
+    check.usable(names) -> names       # committed data files (raises, or skips killed runs;
+                                       # incs 2.x added after our last run: a warning)
     check.chain_of(name) -> str | None # chain identity of a committed file
     check.expected(name) -> Expected   # size and Adler-32 that a file must have
     ledger = Ledger(path, check.expected(name))
@@ -33,10 +34,11 @@ Interface (kept small on purpose)::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import StreamError
@@ -69,13 +71,18 @@ class Expected:
 class SetCheck:
     folder: Path
     state: SetState
+    from_2x: set[str] = field(default_factory=set)  # incs 2.x added, taken by usable()
 
     @property
     def has_manifests(self) -> bool:
         return bool(self.state.manifests)
 
-    def usable(self, names: list[str]) -> list[str]:
-        """The committed data files among ``names`` (the set's ``*.data``)."""
+    def usable(self, names: list[str], *, accept_2x: bool = True) -> list[str]:
+        """The committed data files among ``names`` (the set's ``*.data``).
+
+        With ``accept_2x``, an incremental file that virtnbdbackup 2.x added
+        after this tool's last run is taken too, with a warning.
+        """
         if not self.has_manifests:
             if names:
                 log.warning(
@@ -107,6 +114,15 @@ class SetCheck:
                     "into this folder removes it)",
                     name,
                 )
+            elif accept_2x and self.continues_as_2x(name):
+                log.warning(
+                    "%s is listed in no manifest: an incremental backup of virtnbdbackup 2.x "
+                    "that continues this chain (its checkpoint follows the committed ones in "
+                    "the .cpt file); it is checked against its .chksum only",
+                    name,
+                )
+                self.from_2x.add(name)
+                usable.append(name)
             else:
                 raise StreamError(
                     f"{self.folder / name} is listed in no manifest of this set: no completed "
@@ -114,6 +130,37 @@ class SetCheck:
                     "copied in); move it out of the folder"
                 )
         return usable
+
+    def continues_as_2x(self, name: str) -> bool:
+        """An inc that virtnbdbackup 2.x added after this tool's last run.
+
+        2.x writes no manifest, but it records each checkpoint it creates in
+        ``<domain>.cpt`` and ``checkpoints/<name>.xml``. Such a file is taken
+        when its checkpoint comes after every checkpoint a manifest commits.
+        """
+        dev_and_rest = name.split(".inc.", 1)
+        if len(dev_and_rest) != 2 or not dev_and_rest[1].endswith(".data"):
+            return False
+        checkpoint = dev_and_rest[1].removesuffix(".data")
+        chain = self._cpt_chain()
+        saved_xml = self.folder / "checkpoints" / f"{checkpoint}.xml"
+        if checkpoint not in chain or not saved_xml.is_file():
+            return False
+        position = chain.index(checkpoint)
+        committed = [m.ident for m in self.state.manifests.values() if m.ident in chain]
+        return bool(committed) and all(chain.index(c) < position for c in committed)
+
+    def _cpt_chain(self) -> list[str]:
+        cpt_files = sorted(self.folder.glob("*.cpt"))
+        if len(cpt_files) != 1:
+            return []
+        try:
+            chain = json.loads(cpt_files[0].read_text())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
+            return []
+        return chain
 
     def _check_size(self, name: str) -> None:
         entry = self.state.listed[name].files[name]
@@ -126,6 +173,10 @@ class SetCheck:
 
     def chain_of(self, name: str) -> str | None:
         manifest = self.state.listed.get(name)
+        if manifest is None and name in self.from_2x:  # it continues the newest committed run
+            chain = self._cpt_chain()
+            runs = [m for m in self.state.manifests.values() if m.ident in chain]
+            manifest = max(runs, key=lambda m: chain.index(m.ident))
         return manifest.chain if manifest is not None else None
 
     def expected(self, path: Path) -> Expected:

@@ -39,6 +39,7 @@ from ..errors import (
     UsageError,
     VirtnbdError,
 )
+from ..format.checked import set_check
 from ..format.manifest import (
     SetWriter,
     chain_file_bytes,
@@ -862,8 +863,12 @@ class BackupJob:
         removed = files.begin()
         if removed:
             log.warning("removed the files of an interrupted backup: %s", ", ".join(removed))
-        if step.incremental and self._new_chain_id and not self.target.streamed:
-            files.adopt(*unlisted_data_files(self.target))
+        if step.incremental and not self.target.streamed:
+            names, checksums = unlisted_data_files(self.target)
+            if not self._new_chain_id:  # only incs 2.x added after our last run
+                check = set_check(self.opts.output)
+                names = [n for n in names if check.continues_as_2x(n)]
+            files.adopt(names, checksums)
         return files
 
     def _abort_files(self) -> None:

@@ -199,7 +199,8 @@ def _merge(fplan: FolderPlan, *, verify: bool, uri: Libvirt, on_step: Step) -> i
     # The checked reader: in a set with manifests only committed files of one
     # chain, of the sizes and sums recorded (a set of 2.x: its .chksum files).
     check = set_check(folder)
-    check.usable(sorted(p.name for p in folder.glob("*.data")))
+    # Incs that 2.x added have no manifest to keep consistent: a backup of ours adopts them.
+    check.usable(sorted(p.name for p in folder.glob("*.data")), accept_2x=False)
     work = folder / WORK_DIR
     work.mkdir(mode=PRIVATE_DIR)
     fsync_dir(folder)

@@ -248,6 +248,36 @@ def test_a_set_of_2_47_restores_with_a_warning(sets: Sets, tmp_path: Path) -> No
     assert images_identical(next(sets.reference.glob("*vda.qcow2")), image)
 
 
+def test_an_inc_that_2_47_added_to_our_set_restores_with_a_warning(
+    sets: Sets, tmp_path: Path
+) -> None:
+    """Sets move both ways: 2.47 continues our chain without writing a manifest."""
+    folder = copy_of(sets.a, tmp_path / "set")
+    (folder / "manifest.virtnbdbackup.1.json").unlink()  # as 2.47 leaves its inc
+    proc = ok(restore(folder, tmp_path / "r"))
+    assert "an incremental backup of virtnbdbackup 2.x" in proc.stderr, proc.stderr
+    image = next((tmp_path / "r").glob("*vda.qcow2"))
+    assert images_identical(next(sets.reference.glob("*vda.qcow2")), image)
+    ok(run_tool("virtnbdrestore", "-i", folder, "-o", "verify"))
+    # without the checkpoint 2.47 records, the file continues nothing: refused
+    (folder / "checkpoints" / "virtnbdbackup.1.xml").unlink()
+    fails(restore(folder, tmp_path / "r2"), "listed in no manifest")
+
+
+def test_our_next_inc_adopts_the_inc_2_47_added(small_vm: LabVM, tmp_path: Path) -> None:
+    folder = tmp_path / "set"
+    backup_ok(small_vm, folder, "full")
+    hmp_io(small_vm, "vda", "write -P 0x31 1M 1M")
+    backup_ok(small_vm, folder, "inc")
+    (folder / "manifest.virtnbdbackup.1.json").unlink()  # as 2.47 leaves its inc
+    hmp_io(small_vm, "vda", "write -P 0x32 2M 1M")
+    backup_ok(small_vm, folder, "inc")
+    manifest = json.loads((folder / "manifest.virtnbdbackup.2.json").read_text())
+    assert "vda.inc.virtnbdbackup.1.data" in manifest["files"], manifest
+    proc = ok(restore(folder, tmp_path / "r"))
+    assert "listed in no manifest" not in proc.stderr, proc.stderr
+
+
 def test_an_interrupted_inc_is_skipped_by_restore_and_taken_back(
     sets: Sets, tmp_path: Path
 ) -> None:
