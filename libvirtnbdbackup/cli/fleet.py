@@ -36,6 +36,7 @@ from ..jobs.fleetconfig import (
     default_host_name,
     load_config,
     parse_duration,
+    tcp_transport,
 )
 from ..jobs.fleetselect import Selection, parse_selectors
 from ..jobs.fleetstatus import VmStatus, fleet_status, human_age
@@ -235,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-P",
         "--nbd-port",
         type=int,
-        default=DEFAULT_PORT,
-        help="First TCP port of the NBD servers; each job running at once gets its own "
-        "ports from here. (default: %(default)s)",
+        default=None,
+        help="NBD over TCP, as in virtnbdbackup 2.x: the first port of the NBD servers; "
+        "each job running at once gets its own ports from here. (default: NBD over "
+        f"each job's SSH connection, no port; {DEFAULT_PORT} with -I or --tls)",
     )
     remote.add_argument(
         "--nbd-ports",
@@ -325,10 +327,11 @@ def fleet_config(args: argparse.Namespace) -> FleetConfig:
                     ssh_user=args.ssh_user,
                     ssh_port=args.ssh_port,
                     ssh_key=args.ssh_private_key,
-                    nbd_port=args.nbd_port,
+                    nbd_port=args.nbd_port or DEFAULT_PORT,
                     nbd_ip=args.nbd_ip,
                     tls=args.tls,
                     tls_cert=args.tls_cert,
+                    over_ssh=not tcp_transport(args.nbd_port, args.nbd_ip, args.tls),
                 ),
                 nbd_ports=args.nbd_ports,
             )

@@ -320,7 +320,7 @@ class FleetRun:
         self.log_dir = config.output / LOG_DIR_NAME / str(run_id)
         self.pools: dict[str, PortPool] = {}
         for host in config.hypervisors:
-            if host.is_remote:
+            if host.is_remote and not host.remote.over_ssh:  # TCP ports to share out
                 extra = {"lock_dir": port_lock_dir} if port_lock_dir else {}
                 self.pools[host.name] = PortPool(
                     host.name, host.remote.nbd_port, host.nbd_ports, **extra

@@ -21,7 +21,7 @@ more::
     uri = "qemu+ssh://root@hv1/system"
     name = "hv1"              # folder name (default: the URI's host, localhost if local)
     host_jobs = 1
-    nbd_port = 10809          # first NBD port of this hypervisor's jobs
+    nbd_port = 10809          # NBD over TCP from this port (default: over SSH, no port)
     nbd_ports = 64            # ... and how many from there
     tls = true
     select = ["db*"]          # adds to the selection above, for this hypervisor only
@@ -322,14 +322,16 @@ def _hypervisor(where: str, data: Mapping[str, Any]) -> HypervisorConfig:
     if not uri:
         raise UsageError(f'{where}: uri is missing (e.g. uri = "qemu+ssh://root@hv1/system")')
     name = check_name(f"{where}: name", table.text("name") or default_host_name(uri))
+    nbd_port, nbd_ip, tls = table.number("nbd_port"), table.text("nbd_ip"), table.flag("tls")
     remote = RemoteOptions(
         ssh_user=table.text("ssh_user"),
         ssh_port=table.number("ssh_port"),
         ssh_key=table.text("ssh_private_key"),
-        nbd_port=table.number("nbd_port") or DEFAULT_PORT,
-        nbd_ip=table.text("nbd_ip"),
-        tls=bool(table.flag("tls")),
+        nbd_port=nbd_port or DEFAULT_PORT,
+        nbd_ip=nbd_ip,
+        tls=bool(tls),
         tls_cert=table.text("tls_cert") or DEFAULT_TLS_DIR,
+        over_ssh=not tcp_transport(nbd_port, nbd_ip, bool(tls)),
     )
     host = HypervisorConfig(
         uri=uri,
@@ -420,3 +422,12 @@ def check_unique_hosts(hosts: list[HypervisorConfig]) -> None:
                 f"{host.name}: give one of them another name (name = ... in the configuration)"
             )
         seen[host.name] = host.uri
+
+
+def tcp_transport(nbd_port: int | None, nbd_ip: str | None, tls: bool) -> bool:
+    """Whether a remote job runs NBD over TCP (2.47's way) rather than over SSH.
+
+    As with virtnbdbackup: a port, an address or TLS selects TCP; else each job's
+    NBD socket is forwarded over its SSH connection and needs no port at all.
+    """
+    return nbd_port is not None or nbd_ip is not None or tls

@@ -4,6 +4,7 @@ configuration, port leases, the ledger and the retry set."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from libvirtnbdbackup.cli.prune import build_parser as prune_parser
 from libvirtnbdbackup.errors import FolderLocked, TargetError, UsageError
 from libvirtnbdbackup.jobs.fleet import (
     PASSWORD_ENV,
+    FleetRun,
     Outcome,
     backup_command,
     child_env,
@@ -224,6 +226,34 @@ def test_command_line_adds_to_the_configuration(tmp_path: Path) -> None:
         fleet_config(bare)
     everything = fleet_config(build_parser().parse_args(["backup", "-o", str(tmp_path), "--all"]))
     assert [h.uri for h in everything.hypervisors] == ["qemu:///system"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "option", "over_ssh"),
+    [
+        ("", [], True),
+        ("nbd_port = 11000", ["-P", "11000"], False),
+        ("nbd_ip = '192.0.2.1'", ["-I", "192.0.2.1"], False),
+        ("tls = true", ["--tls"], False),
+    ],
+)
+def test_remote_jobs_go_over_ssh_unless_tcp_is_asked_for(
+    tmp_path: Path, setting: str, option: list[str], over_ssh: bool
+) -> None:
+    """The secure default of the single-VM command holds in the fleet: no port is
+    given to a remote job, so its NBD runs over its SSH connection."""
+    path = tmp_path / "fleet.toml"
+    path.write_text(f"[[hypervisor]]\nuri = 'qemu+ssh://hv1/system'\n{setting}\n")
+    from_file = load_config(path).hypervisors[0]
+    args = build_parser().parse_args(
+        ["backup", "-o", str(tmp_path), "-U", "qemu+ssh://hv1/system", "--all", *option]
+    )
+    from_options = fleet_config(args).hypervisors[0]
+    for host in (from_file, from_options):
+        assert host.remote.over_ssh is over_ssh
+        config = FleetConfig(output=tmp_path, hypervisors=[host])
+        run = FleetRun(config, Ledger(tmp_path), 1, threading.Event(), port_lock_dir=tmp_path)
+        assert (host.name in run.pools) is not over_ssh  # ports are leased for TCP only
 
 
 def summary(name: str, disks: int = 1, tags: tuple[str, ...] = ()) -> DomainSummary:
