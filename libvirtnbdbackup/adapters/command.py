@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import subprocess
@@ -36,3 +37,19 @@ def run_tool(
             on_failure(proc.returncode, reason)
         raise error(f"cannot {what}: {reason}")
     return proc.stdout
+
+
+def end_child(proc: subprocess.Popen[bytes]) -> None:
+    """End a child that stops when its standard input closes (an SSH session, a
+    qemu-nbd wrapper): close it, wait, kill it if it does not go within 30 s."""
+    if proc.stdin:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import QemuToolError, SshError, VirtnbdError
 from ..targets.private import open_private
-from .command import run_tool
+from .command import end_child, run_tool
 from .hosts import LOCAL, Host
 from .nbdclient import NbdAddress
 from .ssh import SSH_FAILED, unreachable
@@ -216,7 +216,7 @@ def nbd_server(
         else:
             yield address
     finally:
-        _stop_server(proc)
+        end_child(proc)
         if remote_dir:
             with contextlib.suppress(VirtnbdError):
                 host.remove_tree(remote_dir)
@@ -234,20 +234,6 @@ _SERVE = (
     'echo ready; read -r _; pid=$(cat "$dir/pid" 2>/dev/null); '
     '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"; exit 0'
 )
-
-
-def _stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.stdin:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        if stream:
-            stream.close()
 
 
 def _serve_error(

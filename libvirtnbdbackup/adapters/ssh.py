@@ -26,6 +26,7 @@ from typing import IO
 
 from ..errors import SshError
 from ..targets.private import PRIVATE_DIR
+from .command import end_child
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class SshHost:
             yield local
         finally:
             if proc is not None:
-                _end_session(proc)
+                end_child(proc)
             else:
                 with contextlib.suppress(SshError):
                     self._mux("cancel", spec)
@@ -237,20 +238,6 @@ class SshHost:
         if proc.returncode == SSH_FAILED:
             raise SshError(unreachable(self.login, reason))
         raise SshError(f"{self.host}: cannot {what}: {reason}")
-
-
-def _end_session(proc: subprocess.Popen[bytes]) -> None:
-    if proc.stdin:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        if stream:
-            stream.close()
 
 
 def unreachable(login: str, reason: str) -> str:
