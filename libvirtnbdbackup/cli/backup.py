@@ -26,6 +26,7 @@ from .common import (
     EXIT_ERROR,
     EarlyRecords,
     add_common_args,
+    add_compress_arg,
     add_connection_args,
     add_remote_args,
     install_signal_handlers,
@@ -116,16 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(trimmed); bigger backups. (default: %(default)s)",
     )
     opt.add_argument("-n", "--noprogress", action="store_true", help="Disable progress bars.")
-    opt.add_argument(
-        "-z",
-        "--compress",
-        nargs="?",
-        type=int,
-        const=2,
-        default=None,
-        metavar="LEVEL",
-        help="Compress with lz4 at LEVEL. (default: off; 2 when LEVEL is left out)",
-    )
+    add_compress_arg(opt)
     opt.add_argument(
         "-w",
         "--worker",

@@ -130,6 +130,20 @@ def add_common_args(
     return group
 
 
+def add_compress_arg(opt: argparse._ActionsContainer) -> None:
+    """``-z [LEVEL]``: lz4 streams, as virtnbdbackup and virtnbdfleet take it."""
+    opt.add_argument(
+        "-z",
+        "--compress",
+        nargs="?",
+        type=int,
+        const=2,
+        default=None,
+        metavar="LEVEL",
+        help="Compress with lz4 at LEVEL. (default: off; 2 when LEVEL is left out)",
+    )
+
+
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Connection options")
     group.add_argument(

@@ -51,6 +51,7 @@ from .common import (
     LOG_FORMAT,
     PASSWORD_ENV,
     WarningCounter,
+    add_compress_arg,
     install_signal_handlers,
     libvirt_password,
     setup_logging,
@@ -184,16 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="How often a new folder, with a new full backup, starts. (default: monthly)",
     )
-    opt.add_argument(
-        "-z",
-        "--compress",
-        nargs="?",
-        type=int,
-        const=2,
-        default=None,
-        metavar="LEVEL",
-        help="Compress with lz4 at LEVEL. (default: off; 2 when LEVEL is left out)",
-    )
+    add_compress_arg(opt)
     opt.add_argument(
         "--scratchdir", default=None, help="Scratch folder of the backup jobs. (default: /var/tmp)"
     )
