@@ -36,5 +36,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# libvirtd runs swtpm as tss once that user exists, as root before it did
+# (swtpm-tools adds it). A local CA made by a root swtpm is then unreadable,
+# and every TPM domain fails to start; hand the CA to tss as swtpm-tools does.
+localca=/var/lib/swtpm-localca
+if [ -d "$localca" ] && getent passwd tss >/dev/null \
+    && [ -n "$(find "$localca" ! -user tss -print -quit)" ]; then
+    chown -R tss:root "$localca"
+fi
+
 scripts/start-libvirtd.sh
 venv/create.sh --dev
