@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 # What the commands need on a host; docker/Dockerfile installs the same list
 # (tests/unit/test_dockerfile.py compares them).
+# nbdfuse is in libnbd-bin on Debian 12 (the nbdfuse package name is only
+# virtual there, so dpkg never reports it installed).
 RUNTIME_PACKAGES=(
     qemu-utils qemu-block-extra
-    nbdkit nbdkit-plugin-python nbdfuse libnbd-bin fuse3
+    nbdkit nbdkit-plugin-python libnbd-bin fuse3
     python3-libnbd python3-libvirt python3-lz4 python3-tqdm python3-venv python3-wheel
     openssh-client
 )
