@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 RUNTIME_PACKAGES=(
     qemu-utils qemu-block-extra
     nbdkit nbdkit-plugin-python libnbd-bin fuse3
-    python3-libnbd python3-libvirt python3-lz4 python3-tqdm python3-venv python3-wheel
+    python3-libnbd python3-libvirt python3-lz4 liblz4-1 python3-tqdm python3-venv python3-wheel
     openssh-client
 )
 # What the tests and the demo need on top: libvirtd and QEMU to run throw-away

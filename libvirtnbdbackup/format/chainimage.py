@@ -80,7 +80,7 @@ def merge_layers(indexes: list[FileIndex], size: int) -> list[Segment]:
 class Piece:
     """The bytes of one decompressed LZ4 piece, in slices as lz4 made them."""
 
-    def __init__(self, slices: list[bytes]) -> None:
+    def __init__(self, slices: list[memoryview]) -> None:
         self.slices = slices
         self._starts = list(itertools.accumulate((len(s) for s in slices), initial=0))
 
@@ -93,7 +93,7 @@ class Piece:
         skip = first - self._starts[index]
         done = 0
         while done < len(out):
-            part = memoryview(self.slices[index])[skip : skip + len(out) - done]
+            part = self.slices[index][skip : skip + len(out) - done]
             out[done : done + len(part)] = part
             done += len(part)
             index, skip = index + 1, 0
@@ -296,4 +296,5 @@ class ChainImage:
         where = f"{self.paths[layer]} at offset {position}"
         fd = self._fds[layer]
         with self._decompressing:
-            return Piece(list(decompressed_slices(fd, position, packed, unpacked, where, SLICE)))
+            slices = decompressed_slices(fd, position, packed, unpacked, where, SLICE, reuse=False)
+            return Piece(list(slices))

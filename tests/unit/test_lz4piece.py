@@ -24,30 +24,61 @@ def stored(tmp_path: Path, frame: bytes, after: bytes = b"\r\n") -> int:
     return os.open(path, os.O_RDONLY)
 
 
-def slices(fd: int, frame_size: int, length: int, slice_size: int) -> list[bytes]:
-    return list(decompressed_slices(fd, len(PREFIX), frame_size, length, "f", slice_size))
+def slices(
+    fd: int,
+    frame_size: int,
+    length: int,
+    slice_size: int,
+    check: bool = True,
+    reuse: bool = True,
+) -> list[bytes]:
+    """Each slice copied as it comes: a reused buffer holds the next one after."""
+    pieces = decompressed_slices(
+        fd, len(PREFIX), frame_size, length, "f", slice_size, check=check, reuse=reuse
+    )
+    return [bytes(s) for s in pieces]
 
 
 @given(
     segments=SEGMENTS,
     seed=st.integers(0, 2**16),
     slice_size=st.sampled_from([4096, 65536, 100_000, 1 << 20]),
+    check=st.booleans(),
+    reuse=st.booleans(),
 )
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 def test_slices_are_the_piece(
-    tmp_path: Path, segments: list[tuple[str, int]], seed: int, slice_size: int
+    tmp_path: Path,
+    segments: list[tuple[str, int]],
+    seed: int,
+    slice_size: int,
+    check: bool,
+    reuse: bool,
 ) -> None:
     data = disk_like(segments, seed)
     frame = as_247(data, 2)
     fd = stored(tmp_path, frame)
     try:
-        got = slices(fd, len(frame), len(data), slice_size)
+        got = slices(fd, len(frame), len(data), slice_size, check, reuse)
     finally:
         os.close(fd)
     assert b"".join(got) == data
-    assert all(0 < len(s) <= slice_size for s in got)
+    # Full slices but the last: large writes, and no cache memory held idle.
+    assert all(len(s) == slice_size for s in got[:-1])
+    assert 0 < len(got[-1]) <= slice_size
+
+
+def test_slices_of_their_own_stay_valid(tmp_path: Path) -> None:
+    fd = stored(tmp_path, FRAME)
+    try:
+        kept = list(
+            decompressed_slices(fd, len(PREFIX), len(FRAME), len(DATA), "f", 65536, reuse=False)
+        )
+    finally:
+        os.close(fd)
+    assert b"".join(kept) == DATA
 
 
 DATA = disk_like([("text", 300_000), ("random", 100_000), ("zero", 200_000)], 1)
@@ -76,6 +107,28 @@ def test_a_damaged_piece_is_refused(
     try:
         with pytest.raises(StreamError, match=message):
             slices(fd, frame_size, length, 65536)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("frame", "frame_size", "length"),
+    [
+        (FRAME, len(FRAME), len(DATA) - 1),
+        (FRAME, len(FRAME) - 7, len(DATA)),
+        (FRAME + b"\0" * 9, len(FRAME) + 9, len(DATA)),
+        (FRAME, len(FRAME), len(DATA) + 1),
+        (flipped(6), len(FRAME), len(DATA)),
+    ],
+)
+def test_without_checksums_a_piece_of_the_wrong_shape_is_still_refused(
+    tmp_path: Path, frame: bytes, frame_size: int, length: int
+) -> None:
+    """What the file's Adler-32 cannot see: the piece against its index."""
+    fd = stored(tmp_path, frame)
+    try:
+        with pytest.raises(StreamError, match=r"does not hold|damaged"):
+            slices(fd, frame_size, length, 65536, check=False)
     finally:
         os.close(fd)
 

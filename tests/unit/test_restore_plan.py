@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from libvirtnbdbackup.errors import StreamError
+from libvirtnbdbackup.format.checked import Expected, Ledger
 from libvirtnbdbackup.format.frames import Kind
 from libvirtnbdbackup.format.index import Extent as IndexExtent
 from libvirtnbdbackup.format.index import FileIndex, build_index
@@ -133,6 +135,36 @@ def test_file_source_names_damaged_compressed_data(tmp_path: Path) -> None:
     plan = plan_writes([index], 9000)
     with FileSource(path, True) as src:  # noqa: SIM117
         with pytest.raises(StreamError, match=f"vda.full.data at offset {second}"):
+            for _ in all_chunks(src, plan[0]):
+                pass
+
+
+def test_a_literal_byte_flipped_in_a_compressed_piece_fails_the_file_checksum(
+    tmp_path: Path,
+) -> None:
+    """With a checksum for the file, lz4's xxHash is not computed: the
+    damaged literal decompresses to a wrong byte, which the file's Adler-32
+    (made of what the restore read) refuses before the image counts."""
+    data = bytes(random.Random(5).randbytes(9000))  # incompressible: stored as literals
+    raw, _, _ = write_stream(
+        [Extent(Kind.DATA, 0, len(data), data)], len(data), 2, max_piece=1 << 20
+    )
+    path = tmp_path / "vda.full.data"
+    with_checksum = Expected(path.name, len(raw), zlib.adler32(raw), "its manifest")
+    damaged = bytearray(raw)
+    damaged[raw.index(data[4000:4064]) + 10] ^= 0x01
+    path.write_bytes(damaged)
+    with path.open("rb") as fh:
+        plan = plan_writes([build_index(fh, str(path))], len(data))
+    with FileSource(path, True, Ledger(path, with_checksum)) as src:
+        got = bytearray(len(data))
+        for offset, chunk in all_chunks(src, plan[0]):
+            got[offset : offset + len(chunk)] = chunk
+        assert got != data  # no frame checksum stopped it
+        with pytest.raises(StreamError, match=r"vda\.full\.data: checksum .* the file is damaged"):
+            src.verify()
+    with FileSource(path, True) as src:  # noqa: SIM117
+        with pytest.raises(StreamError, match="damaged"):  # no file checksum: xxHash is checked
             for _ in all_chunks(src, plan[0]):
                 pass
 
