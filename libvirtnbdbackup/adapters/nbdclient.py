@@ -229,6 +229,22 @@ class NbdClient:
         is valid only until the next one is asked for (copy what must
         outlive it). Memory use does not grow with the disk.
         """
+        with contextlib.closing(self.read_buffers(ranges, chunk, depth)) as reads:
+            for at, view in reads:
+                try:
+                    yield at, view
+                finally:
+                    BUFFERS.put(view)
+
+    def read_buffers(
+        self,
+        ranges: Iterable[tuple[int, int]],
+        chunk: int = READ_CHUNK,
+        depth: int = READ_DEPTH,
+    ) -> Generator[tuple[int, memoryview], None, None]:
+        """As ``read``, but each yielded view is the caller's: it stays valid
+        until the caller hands it back with ``BUFFERS.put`` (which it must,
+        or the pool grows by a buffer)."""
         chunk = min(chunk, self.max_request)
         pending: deque[tuple[int, int, memoryview]] = deque()
         try:
@@ -238,7 +254,6 @@ class NbdClient:
                         cookie, at, view = pending.popleft()
                         self._wait(cookie, f"read at offset {at}")
                         yield at, view
-                        BUFFERS.put(view)
                     view = BUFFERS.get(chunk)[: min(chunk, start + length - offset)]
                     try:
                         cookie = self._h.aio_pread(_shared(view), offset)
@@ -250,7 +265,6 @@ class NbdClient:
                 cookie, at, view = pending.popleft()
                 self._wait(cookie, f"read at offset {at}")
                 yield at, view
-                BUFFERS.put(view)
         finally:
             self._settle(pending)
 
@@ -292,9 +306,11 @@ class NbdClient:
         """After an error: let requests in flight end before their buffers are reused."""
         while pending:
             cookie, _at, view = pending.popleft()
-            with contextlib.suppress(nbd.Error, NbdError):
+            # Ended, in error too, or the connection is gone: either way no
+            # more data comes into the buffer.
+            with contextlib.suppress(NbdError):
                 self._wait(cookie, "request")
-                BUFFERS.put(view)
+            BUFFERS.put(view)
 
     def zero(self, offset: int, length: int) -> None:
         pos = offset

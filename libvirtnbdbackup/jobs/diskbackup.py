@@ -20,6 +20,7 @@ from ..adapters.nbdclient import (
     NbdClient,
     bitmap_context,
 )
+from ..adapters.readahead import read_ahead
 from ..errors import Interrupted, NbdError, TargetError
 from ..format.index import FileIndex, index_path
 from ..format.meta import StreamMeta
@@ -221,7 +222,8 @@ class DiskBackup:
         self, regions: list[Region], bar: tqdm
     ) -> Generator[tuple[int, memoryview], None, None]:
         ranges = [(r.offset, r.length) for r in regions if r.data]
-        reads = self.client.read(ranges)
+        # On a thread of its own: the reads go on while this one writes.
+        reads = read_ahead(self.client, ranges, name=f"read-{self.plan.target}")
         try:
             for offset, data in reads:
                 if self.cancel.is_set():
