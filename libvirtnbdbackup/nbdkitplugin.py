@@ -23,10 +23,15 @@ import threading
 
 # nbdkit runs the system Python: make this package importable from its checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# zlib-ng from virtnbdmap's venv (adapters/nbdkit.py), for a Python of the same
+# version only, and after the system's packages, which come first.
+_version, _, _site = os.environ.get("VIRTNBDBACKUP_SITE", "").partition(":")
+if _site and _version == f"{sys.version_info.major}.{sys.version_info.minor}":
+    sys.path.append(_site)
 
-import nbdkit
+import nbdkit  # noqa: E402
 
-from libvirtnbdbackup.format.chainimage import DEFAULT_CACHE, ChainImage
+from libvirtnbdbackup.format.chainimage import DEFAULT_CACHE, ChainImage  # noqa: E402
 
 API_VERSION = 2
 

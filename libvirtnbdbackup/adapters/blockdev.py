@@ -152,7 +152,9 @@ class FuseLoopDevice:
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
         except FileNotFoundError:
-            raise NbdError("nbdfuse is not installed (install nbdfuse fuse3)") from None
+            raise NbdError(
+                "nbdfuse is not installed (Debian 12: apt install libnbd-bin fuse3)"
+            ) from None
         deadline = time.monotonic() + READY_TIMEOUT
         while not (os.path.ismount(self.mountpoint) and self.file.exists()):
             if self._fuse.poll() is not None:

@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-t",
         "--threads",
         type=int,
-        default=0,
-        help="Threads of the nbdkit process. (default: nbdkit's)",
+        default=1,
+        help="nbdkit threads per client connection; 0 for nbdkit's default of 16. "
+        "The plugin is Python code: one thread per connection serves a chain "
+        "fastest. (default: %(default)s)",
     )
     opt.add_argument(
         "--listen",

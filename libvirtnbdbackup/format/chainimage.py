@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import StreamError
+from .checksum import adler32
 from .index import Extent, FileIndex, open_index
 from .lz4piece import SLICE, decompressed_slices
 
@@ -272,9 +273,10 @@ class ChainImage:
         position = extent.offset
         base = 0
         done = 0
-        for packed, unpacked in extent.pieces:
+        for number, (packed, unpacked) in enumerate(extent.pieces):
             if skip + done < base + unpacked and done < len(out):
-                piece = self._piece(layer, position, packed, unpacked)
+                summed = extent.sums[number] if extent.sums else None
+                piece = self._piece(layer, position, packed, unpacked, summed)
                 first = skip + done - base
                 n = min(unpacked - first, len(out) - done)
                 piece.copy_into(out[done : done + n], first)
@@ -287,14 +289,49 @@ class ChainImage:
                 "its index says"
             )
 
-    def _piece(self, layer: int, position: int, packed: int, unpacked: int) -> Piece:
+    def _piece(
+        self, layer: int, position: int, packed: int, unpacked: int, summed: int | None
+    ) -> Piece:
         return self._cache.get_or_load(
-            (layer, position), lambda: self._decompress(layer, position, packed, unpacked)
+            (layer, position),
+            lambda: self._decompress(layer, position, packed, unpacked, summed),
         )
 
-    def _decompress(self, layer: int, position: int, packed: int, unpacked: int) -> Piece:
+    def _decompress(
+        self, layer: int, position: int, packed: int, unpacked: int, summed: int | None
+    ) -> Piece:
+        """One piece, checked before any of its bytes is served: against the
+        Adler-32 of its stored bytes that the index holds or, without one,
+        by the frame's own xxHash checksums."""
         where = f"{self.paths[layer]} at offset {position}"
         fd = self._fds[layer]
+        stored = _StoredSum()
         with self._decompressing:
-            slices = decompressed_slices(fd, position, packed, unpacked, where, SLICE, reuse=False)
-            return Piece(list(slices))
+            slices = decompressed_slices(
+                fd,
+                position,
+                packed,
+                unpacked,
+                where,
+                SLICE,
+                ledger=stored if summed is not None else None,
+                check=summed is None,
+                reuse=False,
+            )
+            piece = Piece(list(slices))
+        if summed is not None and stored.value != summed:
+            raise StreamError(
+                f"{where}: compressed piece has checksum {stored.value}, its index says "
+                f"{summed} (the data is damaged)"
+            )
+        return piece
+
+
+class _StoredSum:
+    """The Adler-32 of a piece's stored bytes, read in order."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+    def add(self, offset: int, data: bytes | memoryview) -> None:
+        self.value = adler32(data, self.value)

@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".idx"
 INDEX_FORMAT = "virtnbdbackup-extent-index"
-INDEX_VERSION = 2  # 1: without digest and dataChecksum (rebuilt when found)
+# 1: without digest and dataChecksum (rebuilt when found); 2: without the
+# Adler-32 of each LZ4 piece (read as it is, the pieces then unsummed).
+INDEX_VERSION = 3
+READ_VERSIONS = (2, 3)
 FINGERPRINT_SPAN = 64 * 1024
 _LZ4_MAGIC = 0x184D2204
 _LZ4_CONTENT_SIZE_FLAG = 0x08
@@ -52,6 +55,10 @@ class Extent:
     length: int
     offset: int  # payload offset in the data file; -1 for a zero frame
     pieces: tuple[tuple[int, int], ...] = ()  # compressed: (packed, unpacked) sizes
+    # Adler-32 of each piece's stored bytes, when the writer knew them (the
+    # reader then checks those instead of the frames' slower xxHash); not
+    # part of the layout, so an index rebuilt from the headers compares equal.
+    sums: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def is_zero(self) -> bool:
@@ -62,14 +69,18 @@ class Extent:
             return [self.start, self.length]
         if not self.pieces:
             return [self.start, self.length, self.offset]
-        return [self.start, self.length, self.offset, [list(p) for p in self.pieces]]
+        item = [self.start, self.length, self.offset, [list(p) for p in self.pieces]]
+        if self.sums:
+            item.append(list(self.sums))
+        return item
 
     @classmethod
     def from_json(cls, item: list[Any]) -> Extent:
         if len(item) == 2:
             return cls(int(item[0]), int(item[1]), -1)
         pieces = tuple((int(p), int(u)) for p, u in item[3]) if len(item) > 3 else ()
-        return cls(int(item[0]), int(item[1]), int(item[2]), pieces)
+        sums = tuple(int(v) for v in item[4]) if len(item) > 4 else ()
+        return cls(int(item[0]), int(item[1]), int(item[2]), pieces, sums)
 
 
 @dataclass(frozen=True)
@@ -82,11 +93,12 @@ class FileIndex:
     extents: list[Extent]
     # Adler-32 of the whole data file, when known; not part of what the index says.
     data_checksum: int | None = field(default=None, compare=False)
+    version: int = field(default=INDEX_VERSION, compare=False)  # as read, for its digest
 
     def _doc(self) -> dict[str, Any]:
         return {
             "format": INDEX_FORMAT,
-            "version": INDEX_VERSION,
+            "version": self.version,
             "dataFile": self.data_file,
             "fileSize": self.file_size,
             "fingerprint": self.fingerprint,
@@ -105,7 +117,7 @@ class FileIndex:
     def from_bytes(cls, raw: bytes, where: str) -> FileIndex:
         try:
             doc = json.loads(raw)
-            if doc.get("format") != INDEX_FORMAT or doc.get("version") != INDEX_VERSION:
+            if doc.get("format") != INDEX_FORMAT or doc.get("version") not in READ_VERSIONS:
                 raise ValueError("unknown index format or version")
             checksum = doc["dataChecksum"]
             index = cls(
@@ -116,6 +128,7 @@ class FileIndex:
                 compressed=bool(doc["compressed"]),
                 extents=[Extent.from_json(e) for e in doc["extents"]],
                 data_checksum=None if checksum is None else int(checksum),
+                version=int(doc["version"]),
             )
             if doc["digest"] != _digest(index._doc()):
                 raise ValueError("its digest does not match its content (it was changed)")
@@ -132,6 +145,8 @@ class FileIndex:
                 raise ValueError(f"extent {e.start}+{e.length} is out of order or out of the disk")
             end = e.start + e.length
             stored = sum(p for p, _u in e.pieces) if e.pieces else e.length
+            if e.sums and len(e.sums) != len(e.pieces):
+                raise ValueError(f"extent {e.start}+{e.length}: not one checksum per piece")
             if not e.is_zero and not HEADER_SIZE <= e.offset <= self.file_size - stored:
                 raise ValueError(f"extent {e.start}+{e.length} points outside the data file")
 

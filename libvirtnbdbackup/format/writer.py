@@ -20,6 +20,7 @@ from .checksum import adler32
 from .frames import HEADER_SIZE, MAX_REQUEST_SIZE, TERMINATOR, Kind, TrailerEntry
 from .index import FINGERPRINT_SPAN, Extent, FileIndex, fingerprint_of
 from .meta import StreamMeta
+from .reader import adler32_concat
 
 Buffer = bytes | bytearray | memoryview
 
@@ -118,9 +119,13 @@ class ChecksumWriter:
         self._last: deque[bytes] = deque()
         self._last_size = 0
 
-    def write(self, data: Buffer) -> None:
+    def write(self, data: Buffer, summed: int | None = None) -> None:
+        """``summed``: the Adler-32 of ``data`` alone, when the caller has it."""
         self.raw.write(data)
-        self.adler32 = adler32(data, self.adler32)
+        if summed is None:
+            self.adler32 = adler32(data, self.adler32)
+        else:
+            self.adler32 = adler32_concat(self.adler32, summed, len(data))
         self.written += len(data)
         if len(self.head) < FINGERPRINT_SPAN:
             self.head += memoryview(data)[: FINGERPRINT_SPAN - len(self.head)]
@@ -150,6 +155,11 @@ class StreamWriter:
         self._max_piece = max_piece
         # Per data frame: its length and its pieces' compressed sizes.
         self._pieces: list[tuple[int, list[int]]] = []
+        # Per compressed data frame: the Adler-32 of each piece's stored bytes,
+        # those of the frame being written, and of the piece being written.
+        self._sums: list[list[int]] = []
+        self._done_sums: list[int] = []
+        self._piece_sum = 1
         # Unpacked piece sizes of copied frames, which another writer cut.
         self._unpacked: dict[int, list[int]] = {}
         self._next_offset = 0
@@ -207,7 +217,7 @@ class StreamWriter:
         sizes = [self._write_parts(parts) for parts in pieces]
         if len(sizes) != len(piece_lengths(length, self._max_piece)):
             raise ValueError(f"extent at offset {offset}: wrong number of pieces")
-        self._pieces.append((length, sizes))
+        self._add_pieces(length, sizes)
         self._end_data(offset, length, length)
 
     def assembled(
@@ -238,7 +248,7 @@ class StreamWriter:
                 size = got = 0
                 for chunk in chunks:
                     got += len(chunk)
-                    size += self._write_parts(packer.feed(chunk))
+                    size += self._write_parts(packer.feed(chunk), more=True)
                 size += self._write_parts(packer.finish())
                 if got != unpacked:
                     raise StreamError(f"extent at offset {offset}: piece got {got} bytes")
@@ -250,7 +260,7 @@ class StreamWriter:
             unpacked_sizes.append(unpacked)
         if sum(unpacked_sizes) != length or (length < self._max_piece and len(sizes) != 1):
             raise ValueError(f"extent at offset {offset}: pieces do not make {length} bytes")
-        self._pieces.append((length, sizes))
+        self._add_pieces(length, sizes)
         self._unpacked[len(self._pieces) - 1] = unpacked_sizes
         self._end_data(offset, length, length)
 
@@ -304,7 +314,8 @@ class StreamWriter:
                 number, (_length, sizes) = next(frame_pieces)
                 unpacked = self._unpacked.get(number) or piece_lengths(length, self._max_piece)
                 packed = tuple(zip(sizes, unpacked, strict=True))
-                extents.append(Extent(start, length, position, packed))
+                sums = tuple(self._sums[number])
+                extents.append(Extent(start, length, position, packed, sums))
                 position += sum(sizes)
             position += len(TERMINATOR)
         return FileIndex(
@@ -334,7 +345,7 @@ class StreamWriter:
             got += len(view)
             while view and index < len(lengths):
                 n = min(len(view), lengths[index] - filled)
-                size += self._write_parts(packer.feed(view[:n]))
+                size += self._write_parts(packer.feed(view[:n]), more=True)
                 filled += n
                 view = view[n:]
                 if filled == lengths[index]:
@@ -342,16 +353,33 @@ class StreamWriter:
                     index, filled, size = index + 1, 0, 0
                     if index < len(lengths):
                         packer = PieceCompressor(lengths[index], self._level)
-        self._pieces.append((length, sizes))
+        self._add_pieces(length, sizes)
         return got
 
-    def _write_parts(self, parts: Iterable[Buffer]) -> int:
-        """Write compressed parts as they come; their byte count."""
+    def _write_parts(self, parts: Iterable[Buffer], more: bool = False) -> int:
+        """Write compressed parts of a piece as they come; their byte count.
+        The piece's Adler-32 is kept; ``more``: the piece goes on after them."""
         size = 0
+        value = self._piece_sum
         for part in parts:
-            self._out.write(part)
+            summed = adler32(part)
+            self._out.write(part, summed)
+            value = adler32_concat(value, summed, len(part))
             size += len(part)
+        if more:
+            self._piece_sum = value
+        else:
+            self._done_sums.append(value)
+            self._piece_sum = 1
         return size
+
+    def _add_pieces(self, length: int, sizes: list[int]) -> None:
+        """Close a compressed data frame: its pieces' sizes and Adler-32 values."""
+        if len(self._done_sums) != len(sizes):
+            raise ValueError(f"{len(sizes)} pieces but {len(self._done_sums)} checksums")
+        self._pieces.append((length, sizes))
+        self._sums.append(self._done_sums)
+        self._done_sums = []
 
     def _trailer(self) -> list[TrailerEntry]:
         entries: list[TrailerEntry] = []

@@ -67,7 +67,7 @@ class MapOptions:
     tls_cert: str = "/etc/pki/qemu"
     insecure: bool = False  # a non-loopback TCP listener without TLS, asked for
     readonly: bool = False
-    threads: int = 0
+    threads: int = 1  # nbdkit threads per connection; 0: nbdkit's default (16)
     cache: str | None = None
     blocksize: int | None = None  # -b: largest request passed to the plugin
     hexdump: str | None = None  # -H: file the plugin logs each read to

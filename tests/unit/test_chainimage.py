@@ -6,10 +6,13 @@ zeroed bytearray, the way a restore does (zero frames write zeroes).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
+import random
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -305,4 +308,86 @@ def test_reads_across_the_slices_of_a_piece(
             assert image.read(offset, length) == bytes(model[offset : offset + length])
     finally:
         chainimage.SLICE = saved
+        image.close()
+
+
+def _random_compressed_file(path: Path, size: int) -> tuple[bytes, FileIndex]:
+    """One compressed data frame of random bytes (LZ4 stores them as
+    literals), pieces of 256 KiB, its index side file written as a backup
+    writes it."""
+    data = random.Random(3).randbytes(size)
+    meta = sample_meta(virtual_size=size, data_size=size, compressed=2)
+    with open(path, "wb") as fh:
+        writer = StreamWriter(fh, meta, max_piece=256 * 1024)
+        writer.data(0, size, [data])
+        writer.finish()
+    index = writer.index(path.name)
+    Path(index_path(str(path))).write_bytes(index.to_bytes())
+    return data, index
+
+
+def test_the_writer_sums_each_stored_piece(tmp_path: Path) -> None:
+    path = tmp_path / "vda.full.data"
+    _data, index = _random_compressed_file(path, 1024 * 1024)
+    raw = path.read_bytes()
+    extent = index.extents[0]
+    assert len(extent.sums) == len(extent.pieces) == 4
+    position = extent.offset
+    for (packed, _unpacked), summed in zip(extent.pieces, extent.sums, strict=True):
+        assert summed == zlib.adler32(raw[position : position + packed])
+        position += packed
+    with open(path, "rb") as fh:
+        assert load_index(str(path), fh) == index  # the side file keeps them
+        assert load_index(str(path), fh).extents[0].sums == extent.sums  # type: ignore[union-attr]
+
+
+def _flip_inside_second_piece(path: Path, index: FileIndex) -> None:
+    """A literal byte of the second piece, away from the first and last
+    64 KiB (the index's fingerprint), so the index stays bound."""
+    extent = index.extents[0]
+    at = extent.offset + extent.pieces[0][0] + extent.pieces[1][0] // 2
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x01
+    path.write_bytes(raw)
+
+
+def test_a_piece_against_its_sum_in_the_index(tmp_path: Path) -> None:
+    """With sums the frames' xxHash is not computed: the flipped literal
+    would decompress to a wrong byte, the piece's Adler-32 refuses it."""
+    path = tmp_path / "vda.full.data"
+    data, index = _random_compressed_file(path, 1024 * 1024)
+    image = ChainImage([str(path)])
+    try:
+        assert image.read(0, len(data)) == data
+    finally:
+        image.close()
+    _flip_inside_second_piece(path, index)
+    image = ChainImage([str(path)])
+    try:
+        assert image.read(0, 4096) == data[:4096]  # the first piece is fine
+        with pytest.raises(StreamError, match=r"checksum \d+, its index says \d+ .*damaged"):
+            image.read(300 * 1024, 4096)
+    finally:
+        image.close()
+
+
+def test_without_sums_the_frames_checksums_are_checked(tmp_path: Path) -> None:
+    """An index of version 2 (or rebuilt from the headers) has no sums."""
+    path = tmp_path / "vda.full.data"
+    _data, index = _random_compressed_file(path, 1024 * 1024)
+    bare = dataclasses.replace(
+        index,
+        version=2,
+        extents=[dataclasses.replace(e, sums=()) for e in index.extents],
+    )
+    Path(index_path(str(path))).write_bytes(bare.to_bytes())
+    _flip_inside_second_piece(path, index)
+    with open(path, "rb") as fh:
+        loaded = load_index(str(path), fh)
+    assert loaded is not None and loaded.version == 2 and not loaded.extents[0].sums
+    image = ChainImage([str(path)])
+    try:
+        with pytest.raises(StreamError, match="compressed data is damaged"):
+            image.read(300 * 1024, 4096)
+    finally:
         image.close()

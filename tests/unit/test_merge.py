@@ -7,6 +7,7 @@ read back with the reader and through its index, and must equal the model.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import pytest
@@ -114,8 +115,19 @@ def test_whole_compressed_extents_and_pieces_are_copied_as_stored(tmp_path: Path
     with open(paths[0], "rb") as fh:
         first = build_index(fh, paths[0]).extents[0]
     stored = src[first.offset : first.offset + sum(p for p, _u in first.pieces)]
-    assert stored in out.read_bytes()
+    merged = out.read_bytes()
+    assert stored in merged
     verify_merged(paths, str(out), result.segments, full=True)
+    # Copied and compressed again alike, each piece has the sum of its stored bytes.
+    summed = 0
+    for extent in result.index.extents:
+        position = extent.offset
+        assert len(extent.sums) == len(extent.pieces)
+        for (packed, _unpacked), value in zip(extent.pieces, extent.sums, strict=True):
+            assert value == zlib.adler32(merged[position : position + packed])
+            position += packed
+            summed += 1
+    assert summed >= 8
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "lz4"])
