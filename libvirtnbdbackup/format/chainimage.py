@@ -7,12 +7,13 @@ the disk, which file holds its newest version: ranges no file holds, and
 older data; in a full or copy it is a hole). Compressed extents are
 decompressed one LZ4 piece at a time, with a bounded cache of pieces.
 
-A piece is decompressed whole before any of its bytes is served (so its
-content checksum has been checked), but read and decompressed 1 MiB at a
-time and kept as 1 MiB slices: a 32 MiB buffer per piece cost a fresh
-mapping of zeroed pages each time (a tenth of the time of a read of a
-compressed chain). At most ``DECOMPRESSIONS`` pieces are decompressed at
-once, so memory holds the cache and a few pieces more.
+A piece is decompressed whole before any of its bytes is served (so it
+has been checked: by the Adler-32 in the index, or the frame's xxHash),
+but read and decompressed 1 MiB at a time and kept as 1 MiB slices: a
+32 MiB buffer per piece cost a fresh mapping of zeroed pages each time. The
+slices of pieces dropped from the cache are used again (``SlicePool``), once
+no reader has the piece pinned. At most ``DECOMPRESSIONS`` pieces are
+decompressed at once, so memory holds the cache and a few pieces more.
 """
 
 from __future__ import annotations
@@ -100,29 +101,72 @@ class Piece:
             index, skip = index + 1, 0
 
 
+class SlicePool:
+    """Slice buffers of pieces no longer used, for the next pieces.
+
+    A fresh ``bytearray`` is zeroed (a tenth of a compressed chain's read
+    time went into that, with the GIL held); a used one is overwritten as it
+    is. Only full slices are kept, at most ``keep`` of them.
+    """
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> memoryview:
+        if size == self.size:
+            with self._lock:
+                if self._free:
+                    return memoryview(self._free.pop())
+        return memoryview(bytearray(size))
+
+    def recycle(self, piece: Piece) -> None:
+        """Take back the buffers of ``piece``; nobody may read it any more."""
+        buffers = [s.obj for s in piece.slices]
+        piece.slices = []
+        with self._lock:
+            for buffer in buffers:
+                if (
+                    isinstance(buffer, bytearray)
+                    and len(buffer) == self.size
+                    and len(self._free) < self.keep
+                ):
+                    self._free.append(buffer)
+
+
 class _Loading:
     """A piece being decompressed by one thread while others wait for it."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.piece: Piece | None = None
+        self.wanted = 0  # the loader and its waiters: the pins the piece starts with
 
 
 class PieceCache:
     """Decompressed LZ4 pieces, least recently used dropped beyond ``limit`` bytes.
 
     Concurrent requests for a piece not yet cached decompress it once: the
-    first one loads it, the others wait for its result.
+    first one loads it, the others wait for its result. ``get_or_load``
+    pins the piece it returns, ``release`` unpins it: a piece dropped from
+    the cache goes to ``drop`` (its buffers to be used again) only once no
+    reader has it pinned, so nobody reads a buffer that a new piece fills.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, drop: Callable[[Piece], None] | None = None) -> None:
         self.limit = limit
+        self._drop = drop
         self._pieces: OrderedDict[tuple[int, int], Piece] = OrderedDict()
         self._loading: dict[tuple[int, int], _Loading] = {}
+        self._pins: dict[int, int] = {}  # id of a pinned piece: its pin count
+        self._dropped: dict[int, Piece] = {}  # out of the cache, still pinned
         self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, key: tuple[int, int]) -> Piece | None:
+        """The cached piece, not pinned (to look at the cache)."""
         with self._lock:
             piece = self._pieces.get(key)
             if piece is not None:
@@ -130,38 +174,81 @@ class PieceCache:
             return piece
 
     def get_or_load(self, key: tuple[int, int], load: Callable[[], Piece]) -> Piece:
+        """The piece, pinned: ``release`` it when done reading it."""
         with self._lock:
             piece = self._pieces.get(key)
             if piece is not None:
                 self._pieces.move_to_end(key)
+                self._pins[id(piece)] = self._pins.get(id(piece), 0) + 1
                 return piece
             loading = self._loading.get(key)
             owner = loading is None
             if loading is None:
                 loading = self._loading[key] = _Loading()
+            loading.wanted += 1
         if not owner:
             loading.done.wait()
             if loading.piece is None:  # the loader failed: try (and report) it here
                 return self.get_or_load(key, load)
-            return loading.piece
+            return loading.piece  # pinned for us by the loader
         try:
-            loading.piece = load()
-            self.put(key, loading.piece)
-            return loading.piece
-        finally:
+            piece = load()
+        except BaseException:
             with self._lock:
                 del self._loading[key]
             loading.done.set()
+            raise
+        with self._lock:
+            # In one step: no one may come to wait on this load, unpinned, after.
+            self._pins[id(piece)] = loading.wanted
+            del self._loading[key]
+            unused = self._insert(key, piece)
+        loading.piece = piece
+        loading.done.set()
+        self._dispose(unused)
+        return piece
+
+    def release(self, piece: Piece) -> None:
+        with self._lock:
+            count = self._pins[id(piece)] - 1
+            if count:
+                self._pins[id(piece)] = count
+                return
+            del self._pins[id(piece)]
+            unused = self._dropped.pop(id(piece), None)
+        if unused is not None and self._drop is not None:
+            self._drop(unused)
 
     def put(self, key: tuple[int, int], piece: Piece) -> None:
         with self._lock:
-            if key in self._pieces or len(piece) > self.limit:
-                return
+            unused = self._insert(key, piece)
+        self._dispose(unused)
+
+    def _insert(self, key: tuple[int, int], piece: Piece) -> list[Piece]:
+        """Cache ``piece`` (the lock held), dropping the oldest; the pieces
+        now out of the cache and unpinned."""
+        unused: list[Piece] = []
+        if key in self._pieces or len(piece) > self.limit:
+            self._set_aside(piece, unused)
+        else:
             self._pieces[key] = piece
             self._bytes += len(piece)
             while self._bytes > self.limit:
                 _key, dropped = self._pieces.popitem(last=False)
                 self._bytes -= len(dropped)
+                self._set_aside(dropped, unused)
+        return unused
+
+    def _dispose(self, unused: list[Piece]) -> None:
+        if self._drop is not None:
+            for piece in unused:
+                self._drop(piece)
+
+    def _set_aside(self, piece: Piece, unused: list[Piece]) -> None:
+        if id(piece) in self._pins:
+            self._dropped[id(piece)] = piece
+        else:
+            unused.append(piece)
 
 
 class ChainImage:
@@ -201,7 +288,9 @@ class ChainImage:
                 )
         self.segments = merge_layers(indexes, self.size)
         self._starts = [s.start for s in self.segments]
-        self._cache = PieceCache(cache_bytes)
+        # The cache's slices and those of a piece per decompressing thread.
+        self._slices = SlicePool(SLICE, cache_bytes // SLICE + 32 * DECOMPRESSIONS)
+        self._cache = PieceCache(cache_bytes, drop=self._slices.recycle)
         # A piece is held whole while it is decompressed: with one per
         # server thread (nbdkit runs 16) that was 512 MiB beside the cache.
         # More at once than there are cores would not be faster anyway.
@@ -277,9 +366,12 @@ class ChainImage:
             if skip + done < base + unpacked and done < len(out):
                 summed = extent.sums[number] if extent.sums else None
                 piece = self._piece(layer, position, packed, unpacked, summed)
-                first = skip + done - base
-                n = min(unpacked - first, len(out) - done)
-                piece.copy_into(out[done : done + n], first)
+                try:
+                    first = skip + done - base
+                    n = min(unpacked - first, len(out) - done)
+                    piece.copy_into(out[done : done + n], first)
+                finally:
+                    self._cache.release(piece)
                 done += n
             position += packed
             base += unpacked
@@ -316,10 +408,11 @@ class ChainImage:
                 SLICE,
                 ledger=stored if summed is not None else None,
                 check=summed is None,
-                reuse=False,
+                allocate=self._slices.get,
             )
             piece = Piece(list(slices))
         if summed is not None and stored.value != summed:
+            self._slices.recycle(piece)
             raise StreamError(
                 f"{where}: compressed piece has checksum {stored.value}, its index says "
                 f"{summed} (the data is damaged)"

@@ -16,7 +16,7 @@ image is committed).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from ..errors import StreamError
@@ -40,26 +40,28 @@ def decompressed_slices(
     slice_size: int = SLICE,
     ledger: Summing | None = None,
     check: bool = True,
-    reuse: bool = True,
+    allocate: Callable[[int], memoryview] | None = None,
 ) -> Iterator[memoryview]:
     """The ``length`` disk bytes of the piece stored in ``stored`` bytes at
     file offset ``position`` of ``fd``; ``where`` names it in errors.
     ``ledger`` gets each stored range read (its checksum, format/checked.py).
-    With ``reuse`` every slice is a view of one buffer, valid until the next
-    slice is asked for; without, each slice has a buffer of its own."""
+    Each slice is a view of one buffer, valid until the next slice is asked
+    for; with ``allocate`` (a size: a writable buffer of it), each slice has
+    a buffer of its own from there."""
     damaged = StreamError(
         f"{where}: compressed piece does not hold the {length} bytes of its extent "
         "(the data is damaged)"
     )
     decoder = FrameDecoder()
     source = memoryview(bytearray(max(1, min(slice_size, stored))))
-    shared = memoryview(bytearray(max(1, min(slice_size, length + 1)))) if reuse else None
+    shared = memoryview(bytearray(max(1, min(slice_size, length + 1)))) if not allocate else None
 
     def next_buffer(total: int) -> memoryview:
         if shared is not None:
             return shared
+        assert allocate is not None
         # One byte more than the piece has left: bytes beyond its length show.
-        return memoryview(bytearray(max(1, min(slice_size, length - total + 1))))
+        return allocate(max(1, min(slice_size, length - total + 1)))
 
     pos, end = position, position + stored
     pending = source[:0]

@@ -391,3 +391,78 @@ def test_without_sums_the_frames_checksums_are_checked(tmp_path: Path) -> None:
             image.read(300 * 1024, 4096)
     finally:
         image.close()
+
+
+class _Sized(bytes):
+    """A cache value with an identity of its own (bytes may be shared)."""
+
+
+def test_a_piece_dropped_while_pinned_is_recycled_only_when_released() -> None:
+    dropped: list[bytes] = []
+    cache = PieceCache(limit=10, drop=dropped.append)  # type: ignore[arg-type]
+    first = cache.get_or_load((0, 0), lambda: _Sized(b"x" * 8))  # type: ignore[arg-type,return-value]
+    cache.get_or_load((0, 1), lambda: _Sized(b"y" * 8))  # type: ignore[arg-type,return-value]
+    assert cache.get((0, 0)) is None  # out of the cache, but still being read
+    assert dropped == []
+    cache.release(first)  # type: ignore[arg-type]
+    assert dropped == [first]
+
+
+def test_waiters_hold_their_pins_until_they_release() -> None:
+    dropped: list[bytes] = []
+    cache = PieceCache(limit=10, drop=dropped.append)  # type: ignore[arg-type]
+    gate = threading.Event()
+
+    def load() -> bytes:
+        gate.wait(5)
+        return _Sized(b"p" * 8)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [pool.submit(cache.get_or_load, (0, 0), load) for _ in range(4)]  # type: ignore[arg-type]
+        time.sleep(0.1)
+        gate.set()
+        pieces = [r.result(5) for r in results]
+    assert all(p is pieces[0] for p in pieces)
+    cache.put((0, 1), _Sized(b"q" * 8))  # type: ignore[arg-type]
+    for piece in pieces[:3]:
+        cache.release(piece)  # type: ignore[arg-type]
+        assert dropped == []
+    cache.release(pieces[3])  # type: ignore[arg-type]
+    assert dropped == [pieces[0]]
+
+
+def test_threads_read_right_bytes_while_the_cache_recycles_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache of two pieces, slices of 1 KiB, 8 threads reading at random:
+    every read gives the chain's bytes while buffers go round."""
+    monkeypatch.setattr(chainimage, "SLICE", 1024)
+    path = tmp_path / "vda.full.data"
+    frames: list[Frame] = [(0, 30, 5), (30, 4, None), (34, 30, 11)]
+    write_file(path, frames, incremental=False, compressed=2, max_piece=4 * BLOCK)
+    model = bytearray(SIZE)
+    apply(model, frames)
+    recycled: list[int] = []
+    recycle = chainimage.SlicePool.recycle
+
+    def counted(pool: chainimage.SlicePool, piece: chainimage.Piece) -> None:
+        recycled.append(len(piece.slices))
+        recycle(pool, piece)
+
+    monkeypatch.setattr(chainimage.SlicePool, "recycle", counted)
+    image = ChainImage([str(path)], cache_bytes=8 * BLOCK)
+
+    def reads(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(150):
+            offset = rng.randrange(SIZE - 1)
+            length = rng.randint(1, min(6 * BLOCK, SIZE - offset))
+            assert image.read(offset, length) == bytes(model[offset : offset + length])
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            for future in [pool.submit(reads, seed) for seed in range(8)]:
+                future.result(60)
+    finally:
+        image.close()
+    assert len(recycled) > 50  # the pool was used, not bypassed

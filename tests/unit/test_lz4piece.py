@@ -33,8 +33,9 @@ def slices(
     reuse: bool = True,
 ) -> list[bytes]:
     """Each slice copied as it comes: a reused buffer holds the next one after."""
+    own = (lambda n: memoryview(bytearray(n))) if not reuse else None
     pieces = decompressed_slices(
-        fd, len(PREFIX), frame_size, length, "f", slice_size, check=check, reuse=reuse
+        fd, len(PREFIX), frame_size, length, "f", slice_size, check=check, allocate=own
     )
     return [bytes(s) for s in pieces]
 
@@ -74,7 +75,15 @@ def test_slices_of_their_own_stay_valid(tmp_path: Path) -> None:
     fd = stored(tmp_path, FRAME)
     try:
         kept = list(
-            decompressed_slices(fd, len(PREFIX), len(FRAME), len(DATA), "f", 65536, reuse=False)
+            decompressed_slices(
+                fd,
+                len(PREFIX),
+                len(FRAME),
+                len(DATA),
+                "f",
+                65536,
+                allocate=lambda n: memoryview(bytearray(n)),
+            )
         )
     finally:
         os.close(fd)
