@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..errors import StreamError
 from .checksum import adler32
-from .index import Extent, FileIndex, open_index
+from .index import SUM_UNIT, Extent, FileIndex, open_index
 from .lz4piece import SLICE, decompressed_slices
 
 DEFAULT_CACHE = 256 * 1024 * 1024
@@ -121,6 +121,15 @@ class SlicePool:
                 if self._free:
                     return memoryview(self._free.pop())
         return memoryview(bytearray(size))
+
+    def put(self, view: memoryview) -> None:
+        """Take back one buffer from ``get``."""
+        buffer = view.obj
+        if not isinstance(buffer, bytearray) or len(buffer) != self.size:
+            return
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buffer)
 
     def recycle(self, piece: Piece) -> None:
         """Take back the buffers of ``piece``; nobody may read it any more."""
@@ -291,6 +300,8 @@ class ChainImage:
         # The cache's slices and those of a piece per decompressing thread.
         self._slices = SlicePool(SLICE, cache_bytes // SLICE + 32 * DECOMPRESSIONS)
         self._cache = PieceCache(cache_bytes, drop=self._slices.recycle)
+        # Per uncompressed extent with sums: which of its units were checked.
+        self._checked: dict[tuple[int, int], bytearray] = {}
         # A piece is held whole while it is decompressed: with one per
         # server thread (nbdkit runs 16) that was 512 MiB beside the cache.
         # More at once than there are cores would not be faster anyway.
@@ -322,10 +333,12 @@ class ChainImage:
                 for i in range(0, take, len(_ZEROES)):
                     n = min(len(_ZEROES), take - i)
                     out[i : i + n] = _ZEROES[:n]
-            elif not seg.extent.pieces:
-                self._pread(seg.layer, out, seg.extent.offset + pos - seg.extent.start)
-            else:
+            elif seg.extent.pieces:
                 self._read_packed(seg.layer, seg.extent, pos - seg.extent.start, out)
+            elif seg.extent.sums:
+                self._read_units(seg.layer, seg.extent, pos - seg.extent.start, out)
+            else:  # no sums (2.x's sets, a rebuilt index): nothing to check against
+                self._pread(seg.layer, out, seg.extent.offset + pos - seg.extent.start)
             pos += take
 
     def read(self, offset: int, length: int) -> bytes:
@@ -379,6 +392,41 @@ class ChainImage:
             raise StreamError(
                 f"{self.paths[layer]}: compressed extent at {extent.start} is shorter than "
                 "its index says"
+            )
+
+    def _read_units(self, layer: int, extent: Extent, skip: int, out: memoryview) -> None:
+        """Copy ``len(out)`` bytes from ``skip`` bytes into an uncompressed
+        extent whose payload the index sums per ``SUM_UNIT``: each unit is
+        read whole and checked once, before the first of its bytes is
+        served; then its bytes are read straight into the reply."""
+        checked = self._checked.get((layer, extent.offset))
+        if checked is None:
+            units = -(-extent.length // SUM_UNIT)
+            checked = self._checked.setdefault((layer, extent.offset), bytearray(units))
+        first = skip // SUM_UNIT
+        last = (skip + len(out) - 1) // SUM_UNIT
+        for number in range(first, last + 1):
+            if not checked[number]:
+                self._check_unit(layer, extent, number)
+                checked[number] = 1
+        self._pread(layer, out, extent.offset + skip)
+
+    def _check_unit(self, layer: int, extent: Extent, number: int) -> None:
+        start = number * SUM_UNIT
+        length = min(SUM_UNIT, extent.length - start)
+        position = extent.offset + start
+        # Not a threading.local: nbdkit's Python plugin drops the thread
+        # state, and with it such a buffer, after each call.
+        buffer = self._slices.get(SUM_UNIT)
+        try:
+            self._pread(layer, buffer[:length], position)
+            value = adler32(buffer[:length])
+        finally:
+            self._slices.put(buffer)
+        if value != extent.sums[number]:
+            raise StreamError(
+                f"{self.paths[layer]} at offset {position}: {length} bytes of data have "
+                f"checksum {value}, its index says {extent.sums[number]} (the data is damaged)"
             )
 
     def _piece(

@@ -44,6 +44,7 @@ INDEX_FORMAT = "virtnbdbackup-extent-index"
 # Adler-32 of each LZ4 piece (read as it is, the pieces then unsummed).
 INDEX_VERSION = 3
 READ_VERSIONS = (2, 3)
+SUM_UNIT = 1024 * 1024  # an uncompressed payload is summed in parts of this size
 FINGERPRINT_SPAN = 64 * 1024
 _LZ4_MAGIC = 0x184D2204
 _LZ4_CONTENT_SIZE_FLAG = 0x08
@@ -55,9 +56,10 @@ class Extent:
     length: int
     offset: int  # payload offset in the data file; -1 for a zero frame
     pieces: tuple[tuple[int, int], ...] = ()  # compressed: (packed, unpacked) sizes
-    # Adler-32 of each piece's stored bytes, when the writer knew them (the
-    # reader then checks those instead of the frames' slower xxHash); not
-    # part of the layout, so an index rebuilt from the headers compares equal.
+    # When the writer knew them: compressed, the Adler-32 of each piece's
+    # stored bytes (checked instead of the frames' slower xxHash); not, of
+    # each SUM_UNIT of the payload. Not part of the layout, so an index
+    # rebuilt from the headers (it has none) compares equal.
     sums: tuple[int, ...] = field(default=(), compare=False)
 
     @property
@@ -67,7 +69,7 @@ class Extent:
     def to_json(self) -> list[Any]:
         if self.is_zero:
             return [self.start, self.length]
-        if not self.pieces:
+        if not self.pieces and not self.sums:
             return [self.start, self.length, self.offset]
         item = [self.start, self.length, self.offset, [list(p) for p in self.pieces]]
         if self.sums:
@@ -145,7 +147,8 @@ class FileIndex:
                 raise ValueError(f"extent {e.start}+{e.length} is out of order or out of the disk")
             end = e.start + e.length
             stored = sum(p for p, _u in e.pieces) if e.pieces else e.length
-            if e.sums and len(e.sums) != len(e.pieces):
+            units = len(e.pieces) if e.pieces else -(-e.length // SUM_UNIT)
+            if e.sums and len(e.sums) != units:
                 raise ValueError(f"extent {e.start}+{e.length}: not one checksum per piece")
             if not e.is_zero and not HEADER_SIZE <= e.offset <= self.file_size - stored:
                 raise ValueError(f"extent {e.start}+{e.length} points outside the data file")

@@ -18,7 +18,7 @@ from ..errors import StreamError
 from . import frames
 from .checksum import adler32
 from .frames import HEADER_SIZE, MAX_REQUEST_SIZE, TERMINATOR, Kind, TrailerEntry
-from .index import FINGERPRINT_SPAN, Extent, FileIndex, fingerprint_of
+from .index import FINGERPRINT_SPAN, SUM_UNIT, Extent, FileIndex, fingerprint_of
 from .meta import StreamMeta
 from .reader import adler32_concat
 
@@ -160,6 +160,8 @@ class StreamWriter:
         self._sums: list[list[int]] = []
         self._done_sums: list[int] = []
         self._piece_sum = 1
+        # Per uncompressed data frame: the Adler-32 of each SUM_UNIT of its payload.
+        self._plain_sums: list[list[int]] = []
         # Unpacked piece sizes of copied frames, which another writer cut.
         self._unpacked: dict[int, list[int]] = {}
         self._next_offset = 0
@@ -198,14 +200,32 @@ class StreamWriter:
     def data(self, offset: int, length: int, chunks: Iterable[Buffer]) -> None:
         """One data frame of ``length`` bytes at ``offset``, from ``chunks``."""
         self._start_data(offset, length)
-        if self._level is None:
-            got = 0
-            for chunk in chunks:
-                got += len(chunk)
-                self._out.write(chunk)
-        else:
-            got = self._compress(length, chunks)
+        plain = self._level is None
+        got = self._write_plain(chunks) if plain else self._compress(length, chunks)
         self._end_data(offset, length, got)
+
+    def _write_plain(self, chunks: Iterable[Buffer]) -> int:
+        """Write an uncompressed payload as it comes, summing each
+        ``SUM_UNIT`` of it for the index; its byte count."""
+        sums: list[int] = []
+        value, filled, got = 1, 0, 0
+        for chunk in chunks:
+            view = memoryview(chunk)
+            got += len(view)
+            while view:
+                part = view[: SUM_UNIT - filled]
+                summed = adler32(part)
+                self._out.write(part, summed)
+                value = adler32_concat(value, summed, len(part))
+                filled += len(part)
+                view = view[len(part) :]
+                if filled == SUM_UNIT:
+                    sums.append(value)
+                    value, filled = 1, 0
+        if filled:
+            sums.append(value)
+        self._plain_sums.append(sums)
+        return got
 
     def packed(self, offset: int, length: int, pieces: Iterable[Iterable[bytes]]) -> None:
         """One compressed data frame whose pieces are compressed elsewhere
@@ -299,6 +319,7 @@ class StreamWriter:
         extents = []
         position = self._meta_bytes
         frame_pieces = iter(enumerate(self._pieces))
+        plain_sums = iter(self._plain_sums)
         for kind, start, length in self._frames:
             if kind is None:
                 extents.append(Extent(start, length, -1))
@@ -308,7 +329,8 @@ class StreamWriter:
                 extents.append(Extent(start, length, -1))
                 continue
             if self._level is None:
-                extents.append(Extent(start, length, position))
+                sums = tuple(next(plain_sums))
+                extents.append(Extent(start, length, position, (), sums))
                 position += length
             else:
                 number, (_length, sizes) = next(frame_pieces)

@@ -466,3 +466,49 @@ def test_threads_read_right_bytes_while_the_cache_recycles_slices(
     finally:
         image.close()
     assert len(recycled) > 50  # the pool was used, not bypassed
+
+
+def _plain_file(path: Path, size: int) -> tuple[bytes, FileIndex]:
+    data = random.Random(4).randbytes(size)
+    meta = sample_meta(virtual_size=size, data_size=size)
+    with open(path, "wb") as fh:
+        writer = StreamWriter(fh, meta)
+        # Chunks that do not line up with the summed units.
+        writer.data(0, size, [data[:777_777], data[777_777:5_000_000], data[5_000_000:]])
+        writer.finish()
+    index = writer.index(path.name)
+    Path(index_path(str(path))).write_bytes(index.to_bytes())
+    return data, index
+
+
+def test_the_writer_sums_each_unit_of_an_uncompressed_payload(tmp_path: Path) -> None:
+    path = tmp_path / "vda.full.data"
+    data, index = _plain_file(path, 9 * 1024 * 1024)
+    extent = index.extents[0]
+    unit = 1024 * 1024
+    assert extent.sums == tuple(
+        zlib.adler32(data[at : at + unit]) for at in range(0, len(data), unit)
+    )
+    with open(path, "rb") as fh:
+        assert load_index(str(path), fh).extents[0].sums == extent.sums  # type: ignore[union-attr]
+
+
+def test_uncompressed_data_is_served_only_once_its_unit_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "vda.full.data"
+    data, index = _plain_file(path, 9 * 1024 * 1024)
+    extent = index.extents[0]
+    raw = bytearray(path.read_bytes())
+    raw[extent.offset + 5 * 1024 * 1024 + 700_000] ^= 0x01  # in the sixth unit
+    path.write_bytes(raw)
+    image = ChainImage([str(path)])
+    try:
+        assert image.read(0, 4096) == data[:4096]
+        assert image.read(8 * 1024 * 1024, 4096) == data[8 * 1024 * 1024 : 8 * 1024 * 1024 + 4096]
+        for _ in range(2):  # not only the first time
+            with pytest.raises(StreamError, match=r"data have checksum \d+, its index says"):
+                image.read(5 * 1024 * 1024 + 10, 100)  # away from the flipped byte, same unit
+        # A read across the damaged unit fails too, whatever part it asks for first.
+        with pytest.raises(StreamError, match="the data is damaged"):
+            image.read(5 * 1024 * 1024 - 4096, 8192)
+    finally:
+        image.close()
