@@ -311,15 +311,15 @@ def test_reads_across_the_slices_of_a_piece(
         image.close()
 
 
-def _random_compressed_file(path: Path, size: int) -> tuple[bytes, FileIndex]:
-    """One compressed data frame of random bytes (LZ4 stores them as
-    literals), pieces of 256 KiB, its index side file written as a backup
-    writes it."""
+def _one_extent_file(path: Path, size: int, *, compressed: bool) -> tuple[bytes, FileIndex]:
+    """One data frame of random bytes (LZ4 stores them as literals; pieces
+    of 256 KiB), from chunks that do not line up with the pieces or summed
+    units, and its index side file as a backup writes it."""
     data = random.Random(3).randbytes(size)
-    meta = sample_meta(virtual_size=size, data_size=size, compressed=2)
+    meta = sample_meta(virtual_size=size, data_size=size, compressed=2 if compressed else False)
     with open(path, "wb") as fh:
         writer = StreamWriter(fh, meta, max_piece=256 * 1024)
-        writer.data(0, size, [data])
+        writer.data(0, size, [data[:777_777], data[777_777:5_000_000], data[5_000_000:]])
         writer.finish()
     index = writer.index(path.name)
     Path(index_path(str(path))).write_bytes(index.to_bytes())
@@ -328,7 +328,7 @@ def _random_compressed_file(path: Path, size: int) -> tuple[bytes, FileIndex]:
 
 def test_the_writer_sums_each_stored_piece(tmp_path: Path) -> None:
     path = tmp_path / "vda.full.data"
-    _data, index = _random_compressed_file(path, 1024 * 1024)
+    _data, index = _one_extent_file(path, 1024 * 1024, compressed=True)
     raw = path.read_bytes()
     extent = index.extents[0]
     assert len(extent.sums) == len(extent.pieces) == 4
@@ -355,7 +355,7 @@ def test_a_piece_against_its_sum_in_the_index(tmp_path: Path) -> None:
     """With sums the frames' xxHash is not computed: the flipped literal
     would decompress to a wrong byte, the piece's Adler-32 refuses it."""
     path = tmp_path / "vda.full.data"
-    data, index = _random_compressed_file(path, 1024 * 1024)
+    data, index = _one_extent_file(path, 1024 * 1024, compressed=True)
     image = ChainImage([str(path)])
     try:
         assert image.read(0, len(data)) == data
@@ -374,7 +374,7 @@ def test_a_piece_against_its_sum_in_the_index(tmp_path: Path) -> None:
 def test_without_sums_the_frames_checksums_are_checked(tmp_path: Path) -> None:
     """An index of version 2 (or rebuilt from the headers) has no sums."""
     path = tmp_path / "vda.full.data"
-    _data, index = _random_compressed_file(path, 1024 * 1024)
+    _data, index = _one_extent_file(path, 1024 * 1024, compressed=True)
     bare = dataclasses.replace(
         index,
         version=2,
@@ -468,22 +468,9 @@ def test_threads_read_right_bytes_while_the_cache_recycles_slices(
     assert len(recycled) > 50  # the pool was used, not bypassed
 
 
-def _plain_file(path: Path, size: int) -> tuple[bytes, FileIndex]:
-    data = random.Random(4).randbytes(size)
-    meta = sample_meta(virtual_size=size, data_size=size)
-    with open(path, "wb") as fh:
-        writer = StreamWriter(fh, meta)
-        # Chunks that do not line up with the summed units.
-        writer.data(0, size, [data[:777_777], data[777_777:5_000_000], data[5_000_000:]])
-        writer.finish()
-    index = writer.index(path.name)
-    Path(index_path(str(path))).write_bytes(index.to_bytes())
-    return data, index
-
-
 def test_the_writer_sums_each_unit_of_an_uncompressed_payload(tmp_path: Path) -> None:
     path = tmp_path / "vda.full.data"
-    data, index = _plain_file(path, 9 * 1024 * 1024)
+    data, index = _one_extent_file(path, 9 * 1024 * 1024, compressed=False)
     extent = index.extents[0]
     unit = 1024 * 1024
     assert extent.sums == tuple(
@@ -495,7 +482,7 @@ def test_the_writer_sums_each_unit_of_an_uncompressed_payload(tmp_path: Path) ->
 
 def test_uncompressed_data_is_served_only_once_its_unit_is_checked(tmp_path: Path) -> None:
     path = tmp_path / "vda.full.data"
-    data, index = _plain_file(path, 9 * 1024 * 1024)
+    data, index = _one_extent_file(path, 9 * 1024 * 1024, compressed=False)
     extent = index.extents[0]
     raw = bytearray(path.read_bytes())
     raw[extent.offset + 5 * 1024 * 1024 + 700_000] ^= 0x01  # in the sixth unit
