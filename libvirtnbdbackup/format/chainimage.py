@@ -124,25 +124,23 @@ class SlicePool:
 
     def put(self, view: memoryview) -> None:
         """Take back one buffer from ``get``."""
-        buffer = view.obj
-        if not isinstance(buffer, bytearray) or len(buffer) != self.size:
-            return
         with self._lock:
-            if len(self._free) < self.keep:
-                self._free.append(buffer)
+            self._keep(view.obj)
 
     def recycle(self, piece: Piece) -> None:
         """Take back the buffers of ``piece``; nobody may read it any more."""
-        buffers = [s.obj for s in piece.slices]
-        piece.slices = []
+        slices, piece.slices = piece.slices, []
         with self._lock:
-            for buffer in buffers:
-                if (
-                    isinstance(buffer, bytearray)
-                    and len(buffer) == self.size
-                    and len(self._free) < self.keep
-                ):
-                    self._free.append(buffer)
+            for view in slices:
+                self._keep(view.obj)
+
+    def _keep(self, buffer: object) -> None:
+        """Keep ``buffer`` for ``get`` if it is a full slice and there is room
+        (the lock held)."""
+        if not isinstance(buffer, bytearray) or len(buffer) != self.size:
+            return  # a piece's short last slice
+        if len(self._free) < self.keep:
+            self._free.append(buffer)
 
 
 class _Loading:
