@@ -23,10 +23,10 @@ from libvirtnbdbackup.adapters.readahead import read_ahead
 from libvirtnbdbackup.errors import Interrupted, NbdError, TargetError
 from libvirtnbdbackup.format.frames import HEADER_SIZE
 from libvirtnbdbackup.format.index import index_path
-from libvirtnbdbackup.format.meta import StreamMeta
 from libvirtnbdbackup.format.writer import StreamWriter
 from libvirtnbdbackup.jobs.diskbackup import DiskBackup, DiskPlan, allocation_regions
 from libvirtnbdbackup.targets.directory import DirectoryTarget
+from tests.unit.samples import sample_meta
 
 from .vmlab import MiB, small_filesystem
 
@@ -106,15 +106,11 @@ def test_the_data_file_is_the_writers_stream_of_the_source(tmp_path: Path) -> No
     written = (out / "vda.copy.data").read_bytes()
     date = json.loads(written[HEADER_SIZE : written.index(b"\n}") + 2])["date"]
     expected = BytesIO()
-    meta = StreamMeta(
+    meta = sample_meta(
         virtual_size=len(source),
         data_size=sum(r.length for r in regions if r.data),
-        disk_name="vda",
         disk_format="raw",
         checkpoint_name="",
-        parent_checkpoint="",
-        incremental=False,
-        compressed=False,
         date=date,
     )
     writer = StreamWriter(expected, meta, max_piece=client.max_request)
