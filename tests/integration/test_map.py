@@ -9,9 +9,11 @@ uncompressed one is mapped and compared with what virtnbdrestore gives.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
+import shutil
 import signal
 import struct
 import subprocess
@@ -26,7 +28,8 @@ import libvirt
 import nbd
 import pytest
 
-from libvirtnbdbackup.format.index import FileIndex, build_index, index_path
+from libvirtnbdbackup.adapters.nbdkit import PLUGIN
+from libvirtnbdbackup.format.index import SUM_UNIT, FileIndex, build_index, index_path
 
 from .vmlab import (
     BIN,
@@ -447,3 +450,63 @@ def test_ctrl_c_always_unmaps_the_loop_device(chain: tuple[LabVM, Path]) -> None
             for stream in (proc.stdout, proc.stderr):
                 if stream:
                     stream.close()
+
+
+def _plugin(files: list[Path]) -> nbd.NBD:
+    """The chain served by the plugin in a real nbdkit on a private pipe."""
+    handle = nbd.NBD()
+    handle.connect_command(
+        ["nbdkit", "-s", "--exit-with-parent", "python", PLUGIN, *(f"file={f}" for f in files)]
+    )
+    return handle
+
+
+def _summed_unit_to_flip(path: Path) -> tuple[int, int]:
+    """(disk offset of a summed MiB of the full that no inc overwrites, file
+    offset of a byte inside it away from the 64 KiB the fingerprint covers)."""
+    index = FileIndex.from_bytes(Path(index_path(str(path))).read_bytes(), str(path))
+    size = path.stat().st_size
+    for extent in index.extents:
+        if extent.is_zero or extent.pieces or not extent.sums:
+            continue
+        for number in range(len(extent.sums)):
+            start = extent.start + number * SUM_UNIT
+            length = min(SUM_UNIT, extent.start + extent.length - start)
+            at = extent.offset + number * SUM_UNIT + length // 2
+            if (start + length <= 40 * MiB or start >= 45 * MiB) and (
+                64 * 1024 <= at < size - 64 * 1024
+            ):
+                return start, at
+    raise AssertionError(f"{path.name}: no summed unit to damage (an index without sums?)")
+
+
+def test_the_plugin_serves_no_flipped_byte_of_a_plain_file(
+    chain: tuple[LabVM, Path], tmp_path: Path
+) -> None:
+    """A flipped byte in the plain full's payload (its index still bound: the
+    fingerprint and checksum file do not cover it) is an I/O error for any
+    read of its MiB, every time; 2.47's map served it. Other MiBs read as
+    the intact chain serves them."""
+    _vm, out = chain
+    folder = tmp_path / "set"
+    shutil.copytree(out, folder)
+    full = folder / "vda.full.data"
+    start, at = _summed_unit_to_flip(full)
+    raw = bytearray(full.read_bytes())
+    raw[at] ^= 0x01
+    full.write_bytes(raw)
+
+    def files(where: Path) -> list[Path]:
+        return sorted(where.glob("vda.*.data"), key=lambda p: (".inc." in p.name, p.name))
+
+    intact, damaged = _plugin(files(out)), _plugin(files(folder))
+    try:
+        for _ in range(2):
+            with pytest.raises(nbd.Error) as err:
+                damaged.pread(4096, start)  # the unit's first bytes, not the flipped one
+            assert err.value.errnum == errno.EIO
+        other = 0 if start >= SUM_UNIT else 2 * SUM_UNIT
+        assert damaged.pread(SUM_UNIT, other) == intact.pread(SUM_UNIT, other)
+    finally:
+        for handle in (intact, damaged):
+            handle.shutdown()
