@@ -12,8 +12,11 @@ peak RSS is read with wait4():
   -o verify of the full alone, of the lz4 full and of full+inc.
 
 It prints a table (wall time, MiB/s, peak RSS, ratio to the limit) and writes
-the same as JSON. The restored images are compared with qemu-img compare, so
-a fast but wrong run does not pass unnoticed. The VM and its files are
+the same as JSON. It also counts each run's CPU seconds, and QEMU's for the
+steps that read the VM's disk: their sum over the cores is the least wall
+time any scheduling of that work can take on this host (the CPU floor).
+The restored images are compared with qemu-img compare, so a fast but
+wrong run does not pass unnoticed. The VM and its files are
 removed at the end.
 
 Run as root after scripts/setup.sh:  venv/env/bin/python benchmarks/bench.py
@@ -43,6 +46,7 @@ from libvirtnbdbackup.adapters.virt import backup_xml
 
 MiB = 1024**2
 GiB = 1024**3
+CORES = os.cpu_count() or 1
 BIN = Path(sys.executable).parent
 # Not "vnbt-": the integration suite removes leftover VMs with that prefix.
 PREFIX = "virtnbdbench-"
@@ -61,6 +65,14 @@ class Step:
     ratio: float | None = None
     target: str = ""
     runs: list[float] = field(default_factory=list)
+    # CPU seconds per run: the command's with its children, and QEMU's.
+    cpu_runs: list[float] = field(default_factory=list)
+    qemu_cpu_runs: list[float] = field(default_factory=list)
+
+    @property
+    def cpu_floor(self) -> float:
+        """The least wall time the run with the least CPU could take on all cores."""
+        return min(map(sum, zip(self.cpu_runs, self.qemu_cpu_runs, strict=True))) / CORES
 
     @property
     def mib_s(self) -> float:
@@ -128,8 +140,16 @@ def domain_xml(name: str, disk: Path) -> str:
 # -- running and timing ----------------------------------------------------------
 
 
-def timed(cmd: list[str], **kw: object) -> tuple[float, float]:
-    """Run ``cmd``; its wall time and peak RSS in MiB.
+@dataclass
+class Run:
+    seconds: float
+    rss_mib: float
+    cpu: float  # user and system seconds of the command and its children
+    qemu_cpu: float = 0.0  # the VM's QEMU, for steps that read its disk
+
+
+def timed(cmd: list[str], **kw: object) -> Run:
+    """Run ``cmd``; its wall time, peak RSS in MiB and CPU seconds.
 
     The RSS comes from wait4(): the largest of the command and the children
     it waited for. Linux starts it at the RSS of this process when the child
@@ -144,10 +164,10 @@ def timed(cmd: list[str], **kw: object) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return Run(seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
 
 
-def convert(raw: Path, folder: Path, cache: str) -> tuple[float, float]:
+def convert(raw: Path, folder: Path, cache: str) -> Run:
     """``qemu-img convert`` of ``raw`` into ``folder/conv.qcow2``; ``unsafe``
     is its default cache mode (nothing flushed), ``writeback`` flushes."""
     out = str(folder / "conv.qcow2")
@@ -204,6 +224,10 @@ class Bench:
         export = w / "export.raw"
         full, lz4, lz4_9 = w / "full", w / "lz4", w / "lz4-9"
         level_9 = ("-n", "-z", "9", "-o")
+
+        def backup(*args: str | Path) -> Run:
+            return self.reading_vm(tool("virtnbdbackup", "-d", self.name, *args))
+
         # Each step runs `repeat` times, limits next to the steps they are
         # compared with; the fastest run counts (the least disturbed).
         for rep in range(self.repeat):
@@ -215,18 +239,18 @@ class Bench:
             self.record(
                 "backup full -z (lz4)",
                 data,
-                timed(tool("virtnbdbackup", "-d", self.name, "-l", "full", "-z", "-o", lz4, "-n")),
+                backup("-l", "full", "-z", "-o", lz4, "-n"),
             )
             if not rep:  # several times slower than level 2: once is enough to report
                 self.record(
                     "backup full -z 9 (lz4 level 9)",
                     data,
-                    timed(tool("virtnbdbackup", "-d", self.name, "-l", "copy", *level_9, lz4_9)),
+                    backup("-l", "copy", *level_9, lz4_9),
                 )
             self.record(
                 "backup full",
                 data,
-                timed(tool("virtnbdbackup", "-d", self.name, "-l", "full", "-o", full, "-n")),
+                backup("-l", "full", "-o", full, "-n"),
             )
         # The full alone, for verify to compare with the lz4 full (the inc joins `full`).
         full_only = w / "full-only"
@@ -240,7 +264,7 @@ class Bench:
         self.record(
             "backup inc (64 x 1 MiB)",
             64,
-            timed(tool("virtnbdbackup", "-d", self.name, "-l", "inc", "-o", full, "-n")),
+            backup("-l", "inc", "-o", full, "-n"),
         )
         chain_mib = sum(p.stat().st_size for p in full.glob("*.data")) / MiB
         copy = w / "copy.qcow2"
@@ -348,17 +372,31 @@ class Bench:
             ),
         }
 
-    def record(self, name: str, data_mib: float, result: tuple[float, float]) -> None:
-        seconds, rss = result
-        print(f"bench: {name}: {seconds:.2f} s, {rss:.0f} MiB", flush=True)
+    def record(self, name: str, data_mib: float, run: Run) -> None:
+        print(f"bench: {name}: {run.seconds:.2f} s, {run.rss_mib:.0f} MiB", flush=True)
         os.sync()  # no writeback of this step's output during the next one
-        for step in self.steps:
-            if step.name == name:
-                step.runs.append(round(seconds, 3))
-                step.seconds = min(step.seconds, seconds)
-                step.peak_rss_mib = max(step.peak_rss_mib, rss)
-                return
-        self.steps.append(Step(name, seconds, data_mib, rss, runs=[round(seconds, 3)]))
+        step = next((s for s in self.steps if s.name == name), None)
+        if step is None:
+            step = Step(name, run.seconds, data_mib, run.rss_mib)
+            self.steps.append(step)
+        step.runs.append(round(run.seconds, 3))
+        step.cpu_runs.append(round(run.cpu, 3))
+        step.qemu_cpu_runs.append(round(run.qemu_cpu, 3))
+        step.seconds = min(step.seconds, run.seconds)
+        step.peak_rss_mib = max(step.peak_rss_mib, run.rss_mib)
+
+    def reading_vm(self, cmd: list[str]) -> Run:
+        """``timed(cmd)`` for a command that reads the VM's disk through QEMU."""
+        before = self._qemu_cpu()
+        run = timed(cmd)
+        run.qemu_cpu = self._qemu_cpu() - before
+        return run
+
+    def _qemu_cpu(self) -> float:
+        pid = int(Path(f"/run/libvirt/qemu/{self.name}.pid").read_text())
+        # utime and stime: fields 14 and 15, counted after the ")" ending the name
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def seconds(self, name: str) -> float:
         return self.by_name(name).seconds
@@ -372,7 +410,7 @@ class Bench:
         step.ratio = step.seconds / self.by_name(limit).seconds
         step.target = target
 
-    def _nbdcopy_export(self, dest: Path) -> tuple[float, float]:
+    def _nbdcopy_export(self, dest: Path) -> Run:
         """A pull-mode backup job without checkpoint, read by nbdcopy."""
         assert self.dom is not None
         # QEMU creates these: in /var/tmp, as virtnbdbackup does, where it may.
@@ -383,7 +421,9 @@ class Bench:
         )
         self.dom.backupBegin(job, None, 0)
         try:
-            return timed(["nbdcopy", "--flush", f"nbd+unix:///vda?socket={socket}", str(dest)])
+            return self.reading_vm(
+                ["nbdcopy", "--flush", f"nbd+unix:///vda?socket={socket}", str(dest)]
+            )
         finally:
             self.dom.abortJob()
             while self.dom.jobStats(0).get("type", 0) not in (0, 3):
@@ -488,6 +528,20 @@ def main() -> int:
     print("each run, in seconds (the spread is the noise of this host):")
     for s in bench.steps:
         print(f"  {s.name}: {', '.join(f'{r:.2f}' for r in s.runs)}")
+    print(f"CPU seconds of each run, the command's + QEMU's, and the CPU floor on {CORES} cores:")
+    for s in bench.steps:
+        if not any(s.qemu_cpu_runs):
+            continue
+        runs = zip(s.cpu_runs, s.qemu_cpu_runs, strict=True)
+        cpu = ", ".join(f"{own:.2f}+{qemu:.2f}" for own, qemu in runs)
+        paired = next((lim for name, lim in PAIRED if name == s.name), None)
+        versus = ""
+        if paired is not None:
+            limit_step = bench.by_name(paired)
+            versus = f", {s.cpu_floor / limit_step.seconds:.2f}x the fastest {paired}"
+            if any(limit_step.qemu_cpu_runs):
+                versus += f" and {s.cpu_floor / limit_step.cpu_floor:.2f}x its floor"
+        print(f"  {s.name}: {cpu}; floor {s.cpu_floor:.2f} s{versus}")
     for check, value in bench.checks.items():
         print(f"{check}: {value}")
     result = {
