@@ -534,7 +534,7 @@ def main() -> int:
             continue
         runs = zip(s.cpu_runs, s.qemu_cpu_runs, strict=True)
         cpu = ", ".join(f"{own:.2f}+{qemu:.2f}" for own, qemu in runs)
-        paired = next((lim for name, lim in PAIRED if name == s.name), None)
+        paired = dict(PAIRED).get(s.name)
         versus = ""
         if paired is not None:
             limit_step = bench.by_name(paired)
